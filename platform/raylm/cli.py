@@ -1,0 +1,316 @@
+"""The `raylm` command: one verb per stage, each taking `--config FILE` and dotted overrides (`train.lr=3e-4`).
+
+Every verb prints exactly one JSON line on stdout (what it produced), so scripts can chain stages; progress and
+Ray's own output go to stderr. Exit codes: 0 done, 1 failed (the message says why), 2 bad config or usage
+(found before anything is submitted to a cluster), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from raylm.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="From a text corpus to a served language model on Ray: prepare, train, tune, register, serve.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="List and inspect registered models.")
+app.add_typer(models_app, name="models")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see jobs/configs/).")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides such as train.lr=3e-4.", show_default=False)
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster to connect to (default: RAY_ADDRESS, else an embedded one)."),
+]
+RestartOption = Annotated[
+    bool, typer.Option("--restart", help="Discard this run.name's earlier results and start over.")
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and worker output.")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"raylm: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(config: Path | None, overrides: list[str] | None) -> Config:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        fail(str(err), 2)
+        raise  # unreachable: fail() exits
+
+
+_summary_stream = sys.stdout
+
+
+class _QuietStream:
+    """stderr, minus the lines Ray prints about choices raylm makes on purpose (many small worker processes)."""
+
+    NOISE = ("PYTHON worker processes have been started",)
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if any(pattern in text for pattern in self.NOISE):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def emit(summary: dict[str, Any]) -> None:
+    """The verb's one JSON line, on the real stdout even while stage output is redirected to stderr."""
+    _summary_stream.write(json.dumps(summary, default=str) + "\n")
+    _summary_stream.flush()
+
+
+def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(errors in what the user asked for: exit 2, errors in the user's data or models: exit 1)."""
+    from raylm.data.sources import DataError
+    from raylm.models import ModelLoadError
+    from raylm.registry import RegistryError
+    from raylm.runs import StageConflict
+    from raylm.serving.server import ServeConfigError
+
+    return (ConfigError, StageConflict, ServeConfigError), (DataError, ModelLoadError, RegistryError, FileNotFoundError)
+
+
+def _user_error_inside(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """Ray wraps exceptions raised in tasks and workers; find the user's own error in the chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, kinds):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run_stage(
+    cfg: Config,
+    address: str | None,
+    verbose: bool,
+    body: Callable[..., dict[str, Any]],
+    preflight: Callable[[], None] | None = None,
+    needs_ray: bool = True,
+) -> dict[str, Any]:
+    """Run one stage with stdout kept clean, turning known failures into one-line messages and exit codes."""
+    global _summary_stream
+    config_errors, user_errors = _error_kinds()
+    _summary_stream = sys.stdout
+
+    try:
+        if preflight:
+            preflight()
+        with contextlib.redirect_stdout(_QuietStream(sys.stderr)):
+            if not needs_ray:
+                return body(cfg)
+            from raylm.cluster import ray_session
+
+            with ray_session(cfg, address, verbose) as plan:
+                return body(cfg, plan)
+    except config_errors as err:
+        fail(str(err), 2)
+    except KeyboardInterrupt:
+        fail("interrupted; stopped the stage and the Ray processes it started", 130)
+    except Exception as err:
+        cause = _user_error_inside(err, config_errors + user_errors)
+        if cause is not None:
+            fail(str(cause), 2 if isinstance(cause, config_errors) else 1)
+        if verbose:
+            raise
+        # A failure inside Ray (a worker, a trial): its message, without pages of driver-side stack.
+        fail(f"{type(err).__name__}: {err}\n(run again with --verbose for Ray's logs and the full traceback)", 1)
+    raise AssertionError("unreachable")
+
+
+def _preflight(cfg: Config, stages: tuple[str, ...], restart: bool) -> Callable[[], None]:
+    def check() -> None:
+        from raylm.runs import check_stages
+
+        check_stages(cfg, stages, restart)
+
+    return check
+
+
+@app.command()
+def prepare(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    restart: RestartOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Read the corpus, train or load a tokenizer, write tokenized Parquet shards and their manifest."""
+    from raylm.data.prepare import run_prepare
+
+    cfg = load(config, overrides)
+    emit(
+        run_stage(
+            cfg, address, verbose, lambda c, plan: run_prepare(c, restart), _preflight(cfg, ("prepare",), restart)
+        )
+    )
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    restart: RestartOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Data-parallel training on the shards with Ray Train; resumes a run.name that did not finish."""
+    from raylm.train.trainer import run_train
+
+    cfg = load(config, overrides)
+    emit(
+        run_stage(
+            cfg, address, verbose, lambda c, plan: run_train(c, plan, restart), _preflight(cfg, ("train",), restart)
+        )
+    )
+
+
+@app.command()
+def tune(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    restart: RestartOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Sweep train.* fields with Ray Tune (ASHA); the best trial by validation loss is recorded."""
+    from raylm.tune import run_tune
+
+    cfg = load(config, overrides)
+    emit(
+        run_stage(
+            cfg, address, verbose, lambda c, plan: run_tune(c, plan, restart), _preflight(cfg, ("tune",), restart)
+        )
+    )
+
+
+@app.command()
+def register(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="A checkpoint directory (default: the best trial, else the trained run).")
+    ] = None,
+) -> None:
+    """Copy the best checkpoint into the model registry as a new version, with its lineage."""
+    from raylm.registry import run_register
+
+    cfg = load(config, overrides)
+    emit(run_stage(cfg, None, False, lambda c: run_register(c, checkpoint), needs_ray=False))
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Serve a registered model over HTTP (OpenAI-compatible) until Ctrl-C."""
+    from raylm.serving.server import start_serving, stop_serving
+
+    cfg = load(config, overrides)
+
+    def body(c: Config, plan) -> dict[str, Any]:
+        emit(start_serving(c, plan))
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            with contextlib.suppress(Exception):
+                stop_serving()
+
+    run_stage(cfg, address, verbose, body)
+
+
+@app.command()
+def pipeline(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    restart: RestartOption = False,
+    verbose: VerboseOption = False,
+    ask: Annotated[
+        str | None, typer.Option(help="Send this prompt to the served model, print the answer, and stop.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate for --ask.")] = 48,
+) -> None:
+    """prepare -> tune (or train when tune.enabled is false) -> register -> serve, from one config."""
+    from raylm.pipeline import run_pipeline
+    from raylm.serving.server import stop_serving
+
+    cfg = load(config, overrides)
+    stages = ("prepare", "tune" if cfg.tune.enabled else "train")
+
+    def body(c: Config, plan) -> dict[str, Any]:
+        summary = run_pipeline(c, plan, restart, ask, max_tokens)
+        if ask is not None:
+            return summary
+        emit(summary)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            with contextlib.suppress(Exception):
+                stop_serving()
+
+    emit(run_stage(cfg, address, verbose, body, _preflight(cfg, stages, restart)))
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Registered models and their versions."""
+    from raylm.registry import list_models
+    from raylm.runs import RunPaths
+
+    cfg = load(config, overrides)
+    emit({"registry": str(RunPaths.of(cfg).registry), "models": list_models(RunPaths.of(cfg).registry)})
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="name, name:latest or name:VERSION")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """One registered version's manifest (lineage, metrics)."""
+    from raylm.registry import RegistryError, resolve
+    from raylm.runs import RunPaths
+
+    cfg = load(config, overrides)
+    try:
+        found = resolve(RunPaths.of(cfg).registry, ref)
+    except RegistryError as err:
+        fail(str(err), 1)
+    emit({"model": found.ref, "path": str(found.path), **found.manifest})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

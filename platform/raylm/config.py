@@ -1,0 +1,314 @@
+"""Typed configuration for every stage, loaded from YAML plus dotted overrides.
+
+One tree, one file: `run`, `data`, `model`, `train`, `tune`, `registry`, `serve`. The YAML mirrors the tree and
+`train.lr=3e-4` on the command line overrides a leaf. Unknown keys and wrong types raise `ConfigError`, whose
+message names the key; the CLI turns it into exit code 2 before anything reaches a cluster.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSection(_Section):
+    dir: str = "runs"
+    """Root for shards, training runs, sweeps and the registry."""
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+
+
+class TokenizerSection(_Section):
+    path: str | None = None
+    """A local Hugging Face tokenizer directory or hub id; unset means: train a byte-level BPE on the corpus."""
+    vocab_size: int = Field(2048, ge=300, le=1_000_000)
+    sample_bytes: int = Field(4_000_000, gt=0)
+    """How much of the corpus the BPE is trained on."""
+
+
+class DataSection(_Section):
+    source: Literal["files", "stdlib"] | None = None
+    """`files` reads `paths`; `stdlib` reads this Python's own standard-library sources (an offline demo corpus).
+    Unset: `files` when `paths` are given, else `stdlib`."""
+    paths: list[str] = []
+    format: Literal["text", "jsonl", "parquet"] = "text"
+    text_field: str = "text"
+    text_unit: Literal["file", "line"] = "line"
+    """For `format: text`: a document per file or per line."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Read whole files, in path order, until this many bytes (keeps demos quick)."""
+    seq_len: int = Field(128, ge=8, le=32768)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0
+    rows_per_shard: int = Field(4096, ge=1)
+    tokenizer: TokenizerSection = TokenizerSection()
+
+    @model_validator(mode="after")
+    def _paths_for_files(self) -> DataSection:
+        if self.source is None:
+            self.source = "files" if self.paths else "stdlib"
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths is empty: name the corpus files or globs (or set data.source: stdlib)")
+        return self
+
+
+class ModelSection(_Section):
+    preset: Literal["tiny", "gpt2-small"] = "tiny"
+    pretrained: str | None = None
+    """A local model directory or hub id to fine-tune; overrides `preset`."""
+    trust_remote_code: bool = False
+
+
+class TrainSection(_Section):
+    num_workers: int = Field(1, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1)
+    """The global batch: sequences per optimizer step across all workers."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Sequences per forward pass on one worker; default: the whole per-worker share (no accumulation)."""
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, ge=1)
+    eval_every: int = Field(50, ge=1)
+    seed: int = 0
+    cpus_per_worker: int | None = Field(None, ge=1)
+    """CPUs (and torch threads) per worker; default: planned from the machine on an embedded cluster, else 1."""
+    max_failures: int = Field(2, ge=0)
+    num_to_keep: int = Field(2, ge=1)
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, lr: float) -> float:
+        if not math.isfinite(lr):
+            raise ValueError("must be a finite number")
+        return lr
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainSection:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} does not split evenly over "
+                f"train.num_workers={self.num_workers} workers"
+            )
+        per_worker = self.batch_size // self.num_workers
+        if self.micro_batch_size is not None and per_worker % self.micro_batch_size:
+            raise ValueError(
+                f"each worker's share of train.batch_size ({per_worker}) is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.per_worker_batch
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.per_worker_batch // self.micro_batch
+
+
+SearchSpec = dict[Literal["loguniform", "uniform", "choice", "grid"], list[Any]]
+
+
+class AshaSection(_Section):
+    grace_period: int = Field(1, ge=1)
+    """Validation reports a trial makes before ASHA may stop it."""
+    reduction_factor: float = Field(2, gt=1)
+
+
+class TuneSection(_Section):
+    enabled: bool = True
+    """`raylm pipeline` sweeps when true and trains once with `train` when false."""
+    space: dict[str, SearchSpec] = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    num_samples: int = Field(4, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    asha: AshaSection = AshaSection()
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("space")
+    @classmethod
+    def _valid_space(cls, space: dict[str, SearchSpec]) -> dict[str, SearchSpec]:
+        checked: dict[str, SearchSpec] = {}
+        for key, spec in space.items():
+            section, _, leaf = key.partition(".")
+            if section != "train" or leaf not in TrainSection.model_fields:
+                close = difflib.get_close_matches(leaf, list(TrainSection.model_fields), n=1)
+                hint = f" (did you mean 'train.{close[0]}'?)" if close else " (e.g. train.lr, train.batch_size)"
+                raise ValueError(f"{key!r} is not a train field{hint}")
+            if len(spec) != 1:
+                raise ValueError(f"{key}: give exactly one of loguniform, uniform, choice, grid")
+            ((kind, values),) = spec.items()
+            if kind in ("loguniform", "uniform"):
+                try:
+                    low, high = (float(v) for v in values)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{key}.{kind}: needs [low, high], got {values!r}") from None
+                if not low < high or (kind == "loguniform" and low <= 0):
+                    raise ValueError(f"{key}.{kind}: needs 0 < low < high, got {values}")
+                values = [low, high]
+            elif not values:
+                raise ValueError(f"{key}.{kind}: is empty")
+            checked[key] = {kind: values}
+        return checked
+
+
+class RegistrySection(_Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The name models of this run are registered under; default: `run.name`."""
+
+
+class ServeSection(_Section):
+    model: str | None = None
+    """A registry reference (`name`, `name:latest`, `name:3`) or a model directory; default: `<run.name>:latest`."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_tokens_limit: int = Field(512, ge=1)
+    api_key_file: str | None = None
+    """A file holding the API key; `RAYLM_API_KEY` in the environment wins. Never the key itself."""
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    tune: TuneSection = TuneSection()
+    registry: RegistrySection = RegistrySection()
+    serve: ServeSection = ServeSection()
+
+    @model_validator(mode="after")
+    def _tune_batch_sizes_split(self) -> Config:
+        # Every batch size a sweep may try must split over the workers, or a trial would die mid-sweep.
+        for key in ("train.batch_size", "train.num_workers", "train.micro_batch_size"):
+            for value in next(iter(self.tune.space.get(key, {"choice": []}).values())):
+                try:
+                    TrainSection.model_validate({**self.train.model_dump(), key.split(".")[1]: value})
+                except ValidationError as err:
+                    raise ValueError(f"tune.space.{key}: {value!r} is invalid: {_first_message(err)}") from None
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.name or self.run.name
+
+
+def _first_message(err: ValidationError) -> str:
+    return err.errors()[0]["msg"].removeprefix("Value error, ")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(tree, item)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> Config:
+    """Validate a plain dict (from YAML, or crossing into a Ray worker) into a `Config`."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, train, ...)")
+    return tree
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    """Lists, mappings and null parse as YAML; scalars stay strings and pydantic converts them to the field's type
+    (so `run.name=123` stays the string it should be, and `train.lr=3e-4` becomes a float)."""
+    text = raw.strip()
+    if text[:1] in "[{":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse {raw!r}: {err}") from None
+    if text.lower() in ("null", "none", "~"):
+        return None
+    return text
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for error in err.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key{_suggest(error['loc'])}")
+        elif loc:
+            got = error.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"{loc}: {error['msg'].removeprefix('Value error, ')}{shown}")
+        else:
+            lines.append(error["msg"].removeprefix("Value error, "))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    prefix = ".".join(str(part) for part in loc[:-1])
+    return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+
+
+def fingerprint(value: Any) -> str:
+    """A stable short hash of a JSON-able value (config sections, manifests)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

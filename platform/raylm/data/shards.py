@@ -1,0 +1,93 @@
+"""Tokenized shards: Parquet files with one fixed-width `input_ids` column, one directory per split, and
+`manifest.json` (written last: shards without a manifest are an unfinished prepare and are never read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylm.runs import read_json
+
+MANIFEST = "manifest.json"
+TOKEN_COLUMN = "input_ids"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Buffers blocks and writes `part-00000.parquet`, `part-00001.parquet`, ... of `rows_per_shard` rows."""
+
+    def __init__(self, directory: Path, block_len: int, dtype: np.dtype, rows_per_shard: int):
+        self.directory = directory
+        self.block_len = block_len
+        self.dtype = dtype
+        self.rows_per_shard = rows_per_shard
+        self.buffered: list[np.ndarray] = []
+        self.buffered_rows = 0
+        self.shards: list[dict[str, Any]] = []
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def rows(self) -> int:
+        return sum(shard["rows"] for shard in self.shards) + self.buffered_rows
+
+    def add(self, blocks: np.ndarray) -> None:
+        if len(blocks):
+            self.buffered.append(blocks.astype(self.dtype, copy=False))
+            self.buffered_rows += len(blocks)
+        while self.buffered_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buffered_rows:
+            self._flush(self.buffered_rows)
+        return self.shards
+
+    def _flush(self, rows: int) -> None:
+        stacked = np.concatenate(self.buffered)
+        out, rest = stacked[:rows], stacked[rows:]
+        self.buffered = [rest] if len(rest) else []
+        self.buffered_rows = len(rest)
+        name = f"part-{len(self.shards):05d}.parquet"
+        column = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), self.block_len)
+        pq.write_table(pa.table({TOKEN_COLUMN: column}), self.directory / name)
+        self.shards.append({"file": name, "rows": int(rows)})
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenized shards in {data_dir} (missing {MANIFEST}): run `raylm prepare` first")
+    return read_json(path)
+
+
+def shard_files(data_dir: Path, manifest: dict[str, Any], split: str) -> list[str]:
+    return [str(data_dir / split / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def read_split_blocks(data_dir: Path, split: str) -> np.ndarray:
+    """All of one split's blocks as a (rows, block_len) array, read directly (for the small validation split)."""
+    manifest = read_manifest(data_dir)
+    files = shard_files(data_dir, manifest, split)
+    if not files:
+        return np.empty((0, manifest["block_len"]), dtype=manifest["dtype"])
+    column = pq.read_table(files, columns=[TOKEN_COLUMN]).column(TOKEN_COLUMN).combine_chunks()
+    return column.flatten().to_numpy().reshape(-1, manifest["block_len"])
+
+
+def read_split(data_dir: Path, split: str):
+    """A Ray Dataset of one split's blocks, in shard order."""
+    import ray.data
+
+    manifest = read_manifest(data_dir)
+    files = shard_files(data_dir, manifest, split)
+    if not files:
+        raise ValueError(f"the {split} split in {data_dir} has no blocks: use a larger corpus or a smaller seq_len")
+    return ray.data.read_parquet(files, columns=[TOKEN_COLUMN])

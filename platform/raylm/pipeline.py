@@ -1,0 +1,47 @@
+"""The whole pipeline from one config: prepare -> tune (or train) -> register -> serve.
+
+Each stage reuses what an earlier run with the same `run.name` produced, so a rerun after a failure picks up where
+it stopped. With `ask`, the pipeline sends one completion request to the model it is serving, stops serving and
+returns; without it, the caller keeps the server up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raylm.cluster import ResourcePlan
+from raylm.config import Config
+from raylm.data.prepare import run_prepare
+from raylm.progress import say
+from raylm.registry import run_register
+from raylm.serving.server import api_key, complete, start_serving, stop_serving
+from raylm.train.trainer import run_train
+from raylm.tune import run_tune
+
+
+def run_pipeline(
+    cfg: Config, plan: ResourcePlan, restart: bool = False, ask: str | None = None, max_tokens: int = 48
+) -> dict[str, Any]:
+    stages: dict[str, Any] = {"prepare": run_prepare(cfg, restart)}
+    if cfg.tune.enabled:
+        stages["tune"] = run_tune(cfg, plan, restart)
+    else:
+        stages["train"] = run_train(cfg, plan, restart)
+    stages["register"] = run_register(cfg)
+    if cfg.serve.model is None:
+        # Serve exactly the version just registered, not whatever `latest` is.
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": stages["register"]["model"]})})
+    stages["serve"] = start_serving(cfg, plan)
+    summary: dict[str, Any] = {"stage": "pipeline", **stages}
+    if ask is not None:
+        try:
+            # Sampled, not greedy: a small model's greedy text soon repeats one token; the seed keeps it repeatable.
+            response = complete(
+                stages["serve"]["url"], ask, max_tokens, key=api_key(cfg.serve), temperature=0.8, top_p=0.95, seed=0
+            )
+        finally:
+            stop_serving()
+        text = response["choices"][0]["text"]
+        say(f"[bold]model {stages['register']['model']} completes[/bold] {ask!r} [bold]with:[/bold]\n{ask}{text}")
+        summary["completion"] = {"prompt": ask, "text": text, "usage": response["usage"]}
+    return summary

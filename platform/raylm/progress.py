@@ -1,0 +1,31 @@
+"""One clean progress display on stderr per stage (stdout is kept for the stage's one-line JSON summary)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+    """Yields `update(completed=None, info="")`: set the count done and a free-text status."""
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
+    if total is not None:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def update(completed: float | None = None, info: str = "") -> None:
+            bar.update(task, completed=completed, info=info)
+
+        yield update
+
+
+def say(message: str) -> None:
+    console.print(message)

@@ -1,0 +1,135 @@
+"""Where a run's artifacts live, and the one rule every verb follows for an existing `run.name`.
+
+    <run.dir>/<run.name>/data/       tokenizer, shards and manifest (prepare)
+    <run.dir>/<run.name>/train/      Ray Train storage: checkpoints of the single training run (train)
+    <run.dir>/<run.name>/tune/       Ray Tune storage, one Train run per trial, best.json (tune)
+    <run.dir>/registry/<model>/<v>/  registered models (register), shared by all runs
+
+Running a verb again with the same `run.name` reuses or resumes what is there; `--restart` starts over; a changed
+config under an existing name is refused (`StageConflict`), because silently mixing two configs in one run is how
+results become unexplainable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylm.config import Config, fingerprint
+
+STAGE_FILE = "stage.json"
+
+
+class StageConflict(RuntimeError):
+    """An existing stage directory was made with a different config."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    registry: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPaths:
+        base = Path(cfg.run.dir).expanduser().resolve()
+        return cls(root=base / cfg.run.name, registry=base / "registry")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+
+def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
+    """The part of the config that determines a stage's output (what a rerun must agree on)."""
+    sections = {
+        "prepare": ("data",),
+        "train": ("data", "model", "train"),
+        "tune": ("data", "model", "train", "tune"),
+    }[stage]
+    return {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+
+
+# Each stage's directory (a RunPaths property) and globs of its durable results inside it.
+STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prepare": ("data", ("manifest.json",)),
+    "train": ("train", ("result.json", "checkpoint_*")),
+    "tune": ("tune", ("best.json", "trials/*")),
+}
+
+
+def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Path, bool, str | None]:
+    """(directory, whether it holds reusable results for this config, the conflict message if any)."""
+    attribute, outputs = STAGES[stage]
+    directory = getattr(RunPaths.of(cfg), attribute)
+    produced = directory.is_dir() and any(next(directory.glob(pattern), None) for pattern in outputs)
+    marker = directory / STAGE_FILE
+    if restart or not produced or not marker.is_file():
+        return directory, False, None
+    wanted = stage_config(cfg, stage)
+    recorded = json.loads(marker.read_text())
+    if recorded.get("hash") == fingerprint(wanted):
+        return directory, True, None
+    changes = ", ".join(_differences(recorded.get("config", {}), wanted)) or "config format"
+    return (
+        directory,
+        False,
+        (
+            f"{stage}: run '{cfg.run.name}' already exists in {directory} with a different config "
+            f"({changes}); use another run.name, or --restart to discard it"
+        ),
+    )
+
+
+def check_stages(cfg: Config, stages: tuple[str, ...], restart: bool) -> None:
+    """Raise `StageConflict` now, before any cluster work, if a stage would refuse to run."""
+    for stage in stages:
+        _, _, conflict = _conflict(cfg, stage, restart)
+        if conflict:
+            raise StageConflict(conflict)
+
+
+def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Path, bool]:
+    """Make the stage's directory this config's. Returns it and whether earlier results there can be reused.
+
+    A directory without durable results (an attempt that failed early) is cleared and taken over."""
+    directory, reusable, conflict = _conflict(cfg, stage, restart)
+    if conflict:
+        raise StageConflict(conflict)
+    if not reusable:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        wanted = stage_config(cfg, stage)
+        write_json(directory / STAGE_FILE, {"stage": stage, "hash": fingerprint(wanted), "config": wanted})
+    return directory, reusable
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,90 @@
+"""Training checkpoints: a Hugging Face model directory (safetensors) plus everything needed to resume.
+
+    config.json, model.safetensors, generation_config.json   the model (`save_pretrained`)
+    tokenizer.json, tokenizer_config.json, ...                the tokenizer the shards were made with
+    train_state.pt                                            optimizer, scheduler and RNG state
+    raylm_checkpoint.json                                     step, tokens seen, metrics, file sizes: written last
+
+A directory without `raylm_checkpoint.json`, or whose files do not match the sizes recorded there, is incomplete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylm.runs import read_json, write_json
+
+CHECKPOINT_MANIFEST = "raylm_checkpoint.json"
+TRAIN_STATE = "train_state.pt"
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def save_checkpoint(
+    directory: Path,
+    model,
+    tokenizer_dir: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    position: dict[str, Any],
+    metrics: dict[str, Any],
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, directory / item.name)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        directory / TRAIN_STATE,
+    )
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != CHECKPOINT_MANIFEST}
+    write_json(
+        directory / CHECKPOINT_MANIFEST,
+        {"format": "raylm.checkpoint/1", **position, "metrics": metrics, "files": files},
+    )
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None when it is."""
+    manifest_path = directory / CHECKPOINT_MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (the checkpoint was not finished)"
+    for name, size in read_json(manifest_path)["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
+    missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
+    return f"{directory} has no {missing[0]}" if missing else None
+
+
+def read_checkpoint_manifest(directory: Path) -> dict[str, Any]:
+    return read_json(directory / CHECKPOINT_MANIFEST)
+
+
+def restore_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Load weights and optimizer/scheduler/RNG state into the given objects; return the recorded position."""
+    from safetensors.torch import load_model
+
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise RuntimeError(f"cannot resume: {problem}")
+    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    # save_pretrained leaves out tied weights (GPT-2's lm_head is the embedding); anything else missing is an error.
+    loaded = {p.data_ptr() for name, p in model.state_dict().items() if name not in missing}
+    untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise RuntimeError(f"cannot resume from {directory}: missing {untied}, unexpected {unexpected}")
+    state = torch.load(directory / TRAIN_STATE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return read_checkpoint_manifest(directory)

@@ -1,0 +1,150 @@
+"""The train stage on the driver: build the `TorchTrainer` over the shards, run it, summarise the result.
+
+Ray Train resumes a run that is started again with the same `name` and `storage_path` from its latest checkpoint,
+so `raylm train` run twice with the same `run.name` continues where the first stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from raylm.cluster import ResourcePlan
+from raylm.config import Config
+from raylm.data.shards import read_manifest, read_split
+from raylm.progress import progress, say
+from raylm.runs import RunPaths, claim_stage, read_json, write_json
+from raylm.train.checkpoint import read_checkpoint_manifest
+from raylm.train.loop import train_loop_per_worker
+
+RESULT_FILE = "result.json"
+
+
+def build_trainer(
+    cfg: Config,
+    data_dir: Path,
+    storage_path: Path,
+    name: str,
+    cpus_per_worker: int,
+    callbacks: list | None = None,
+    progress_actor: str | None = None,
+):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        # Config crosses into Ray as a plain dict and is validated again on the worker.
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "data_dir": str(data_dir),
+            "threads": cpus_per_worker,
+            "progress_actor": progress_actor,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            callbacks=callbacks,
+        ),
+        # Ray Data streams the training split into the workers; the small validation split is read by each worker.
+        datasets={"train": read_split(data_dir, "train")},
+    )
+
+
+def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str, Any]:
+    paths = RunPaths.of(cfg)
+    read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
+    _, reusable = claim_stage(cfg, "train", restart)
+    if reusable and (paths.train / RESULT_FILE).is_file():
+        say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
+        return read_json(paths.train / RESULT_FILE)
+    resumed = reusable and any(paths.train.glob("checkpoint_*"))
+    say(
+        f"train: {cfg.train.num_workers} worker(s) x {plan.cpus_per_worker} CPU, {cfg.train.max_steps} steps"
+        + (" (resuming from the last checkpoint)" if resumed else "")
+    )
+    started = time.monotonic()
+    with live_progress(cfg.train.max_steps) as actor_name:
+        trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
+        result = trainer.fit()
+    summary = summarize(result.checkpoint.path, started, resumed)
+    write_json(paths.train / RESULT_FILE, summary)
+    return summary
+
+
+def summarize(checkpoint_dir: str, started: float, resumed: bool = False) -> dict[str, Any]:
+    recorded = read_checkpoint_manifest(Path(checkpoint_dir))
+    metrics = recorded["metrics"]
+    return {
+        "stage": "train",
+        "checkpoint": checkpoint_dir,
+        "step": recorded["step"],
+        "tokens_seen": recorded["tokens_seen"],
+        "train_loss": metrics.get("train_loss"),
+        "val_loss": metrics.get("val_loss"),
+        "val_ppl": metrics.get("val_ppl"),
+        "resumed": resumed,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+@contextlib.contextmanager
+def live_progress(max_steps: int) -> Iterator[str]:
+    """A progress bar on the driver fed by rank 0 through a small named actor (the workers' own output is off)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class TrainProgress:
+        def __init__(self) -> None:
+            self.latest: dict[str, Any] = {}
+
+        def update(self, metrics: dict[str, Any]) -> None:
+            self.latest.update(metrics)
+
+        def get(self) -> dict[str, Any]:
+            return self.latest
+
+    name = f"raylm-progress-{uuid.uuid4().hex[:8]}"
+    actor = TrainProgress.options(name=name).remote()
+    done = threading.Event()
+
+    def poll(update) -> None:
+        while not done.wait(0.5):
+            with contextlib.suppress(Exception):
+                latest = ray.get(actor.get.remote(), timeout=5)
+                if latest:
+                    update(latest.get("step", 0), _describe(latest))
+
+    with progress("train", total=max_steps) as update:
+        poller = threading.Thread(target=poll, args=(update,), daemon=True)
+        poller.start()
+        try:
+            yield name
+        finally:
+            done.set()
+            poller.join()
+            with contextlib.suppress(Exception):
+                latest = ray.get(actor.get.remote(), timeout=5)
+                update(latest.get("step", 0), _describe(latest))
+            ray.kill(actor)
+
+
+def _describe(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "train_loss" in metrics:
+        parts.append(f"loss {metrics['train_loss']:.3f}")
+    if "val_loss" in metrics:
+        parts.append(f"val {metrics['val_loss']:.3f} (ppl {metrics['val_ppl']:.1f})")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)

@@ -1,0 +1,77 @@
+"""Shared fixtures. Integration tests share one real local Ray cluster (ray.init takes ~9 s on 2 cores) and one
+prepared tiny dataset; unit tests never start Ray.
+
+Token authentication is on, with a token file of this test session's own (RAY_AUTH_TOKEN_PATH), so the outcome
+never depends on ~/.ray/auth_token or on another session's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TOKEN_DIR = tempfile.mkdtemp(prefix="raylm-test-auth-")
+_TOKEN_PATH = Path(_TOKEN_DIR) / "auth_token"
+_TOKEN_PATH.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_PATH)
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("RAYLM_API_KEY", None)
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "tests" / "assets"
+TEST_CLUSTER_CPUS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_overrides(run_dir: Path, name: str = "t") -> list[str]:
+    """A config small enough that every stage runs in seconds: tiny corpus, tokenizer, model, steps."""
+    return [
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        f"data.paths=[{ASSETS / 'corpus.jsonl'}]",
+        "data.format=jsonl",
+        "data.seq_len=32",
+        "data.val_fraction=0.1",
+        "data.rows_per_shard=64",
+        "data.tokenizer.vocab_size=320",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.max_steps=12",
+        "train.eval_every=6",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for all integration tests, with more logical CPUs than cores (see DESIGN.md)."""
+    import ray
+
+    import raylm  # noqa: F401  (sets raylm's environment before ray is imported)
+    from raylm.cluster import quiet_logging
+
+    ray.init(num_cpus=TEST_CLUSTER_CPUS, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+    quiet_logging(verbose=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_cluster, tmp_path_factory):
+    """The tiny test corpus prepared once: (config, prepare summary)."""
+    from raylm.config import load_config
+    from raylm.data.prepare import run_prepare
+
+    cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp("runs")))
+    return cfg, run_prepare(cfg)

@@ -1,0 +1,21 @@
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_platform_is_a_source_root_not_a_package():
+    assert not (REPO / "platform" / "__init__.py").exists()
+    assert (REPO / "platform" / "raylm" / "__init__.py").exists()
+
+
+def test_standard_library_platform_still_imports_from_the_repo_root():
+    code = "import platform, raylm, torch; print(platform.system(), raylm.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] in {"Linux", "Darwin", "Windows"}
+
+
+def test_no_module_shadows_the_standard_library():
+    names = {p.stem for folder in ("jobs", "serve", "bench") for p in (REPO / folder).glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)

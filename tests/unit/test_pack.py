@@ -1,0 +1,45 @@
+import numpy as np
+import pyarrow as pa
+
+from raylm.data.pack import BlockCarry, TokenizePack, pack_documents
+from raylm.data.tokenizer import EOS_TOKEN, train_bpe
+
+
+def test_pack_documents_appends_eos_and_cuts_exact_blocks():
+    blocks, tail = pack_documents([[1, 2, 3], [4, 5], [6]], eos_id=0, block_len=4)
+    # stream: 1 2 3 0 4 5 0 6 0  -> two blocks of 4, one token left over
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]
+    assert tail.tolist() == [0]
+
+
+def test_pack_documents_of_nothing():
+    blocks, tail = pack_documents([], eos_id=0, block_len=4)
+    assert blocks.shape == (0, 4) and tail.size == 0
+
+
+def test_block_carry_joins_leftovers_in_order():
+    carry = BlockCarry(block_len=3)
+    assert carry.add(np.array([1, 2])).shape == (0, 3)
+    assert carry.add(np.array([3, 4, 5, 6, 7])).tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert carry.remainder == 1
+
+
+def test_tokenize_pack_counts_every_token(tmp_path):
+    texts = ["the cat sat on the mat", "  ", "a dog ran far away", "the end", "x"]
+    tokenizer = train_bpe(texts * 20, vocab_size=300)
+    tokenizer.save_pretrained(str(tmp_path))
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    packer = TokenizePack(str(tmp_path / "tokenizer.json"), eos_id=eos, seq_len=3)
+    batch = pa.table({"text": texts, "split": ["train", "train", "val", "train", "val"]})
+    out = packer(batch).to_pydict()
+
+    for split, docs in {"train": [texts[0], texts[3]], "val": [texts[2], texts[4]]}.items():
+        expected = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
+        rows = [i for i, s in enumerate(out["split"]) if s == split]
+        tail = [i for i in rows if out["is_tail"][i]]
+        assert len(tail) == 1 and tail[0] == rows[-1], "one tail row, last for its split"
+        assert sum(len(out["input_ids"][i]) for i in rows) == expected
+        assert all(len(out["input_ids"][i]) == 4 for i in rows if i not in tail)
+        assert out["n_tokens"][tail[0]] == expected
+    train_tail = next(i for i, s in enumerate(out["split"]) if s == "train" and out["is_tail"][i])
+    assert out["n_docs"][train_tail] == 2 and out["n_empty"][train_tail] == 1
