@@ -53,6 +53,25 @@ def tiny_overrides(run_dir: Path, name: str = "t") -> list[str]:
     ]
 
 
+def register_untrained_model(cfg, data: dict, name: str):
+    """Register a model made the way training makes its checkpoints, without a Ray Train run (fast)."""
+    import torch
+
+    from raylm.models import build_model
+    from raylm.registry import register
+    from raylm.runs import RunPaths
+    from raylm.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data["vocab_size"], cfg.data.seq_len, 0, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint = Path(tempfile.mkdtemp(prefix="raylm-ckpt-"))
+    tokenizer_dir = Path(data["data_dir"]) / "tokenizer"
+    save_checkpoint(checkpoint, model, tokenizer_dir, optimizer, scheduler, {"step": 0, "tokens_seen": 0}, {})
+    return register(RunPaths.of(cfg).registry, name, checkpoint, {})[0]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for all integration tests, with more logical CPUs than cores (see DESIGN.md)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -93,13 +94,20 @@ def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
 
 
 def _user_error_inside(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """Ray wraps exceptions raised in tasks and workers; find the user's own error in the chain."""
+    """Ray wraps exceptions raised in tasks and workers; find the user's own error in the chain, or, where the chain
+    did not survive the trip from the worker, in the worker's traceback text."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, kinds):
-            return err
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return current
+        current = current.__cause__ or current.__context__ or getattr(current, "cause", None)
+    text = str(err)
+    for kind in kinds:
+        match = re.search(rf"^{re.escape(kind.__module__)}\.{kind.__qualname__}: (.+)$", text, re.MULTILINE)
+        if match:
+            return kind(match.group(1))
     return None
 
 
@@ -129,7 +137,7 @@ def run_stage(
     except config_errors as err:
         fail(str(err), 2)
     except KeyboardInterrupt:
-        fail("interrupted; stopped the stage and the Ray processes it started", 130)
+        fail("interrupted: stopped the stage and what it started; run the same command again to resume", 130)
     except Exception as err:
         cause = _user_error_inside(err, config_errors + user_errors)
         if cause is not None:

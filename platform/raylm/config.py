@@ -61,6 +61,8 @@ class DataSection(_Section):
     def _paths_for_files(self) -> DataSection:
         if self.source is None:
             self.source = "files" if self.paths else "stdlib"
+        if self.source == "stdlib" and self.paths:
+            raise ValueError("data.paths is set but data.source is stdlib: drop one of them")
         if self.source == "files" and not self.paths:
             raise ValueError("data.paths is empty: name the corpus files or globs (or set data.source: stdlib)")
         return self

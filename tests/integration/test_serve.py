@@ -1,20 +1,14 @@
 """serve: a real Ray Serve deployment over real HTTP on 127.0.0.1, with an API key."""
 
 import os
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from raylm.cluster import plan_resources
 from raylm.config import validate_config
-from raylm.models import build_model
-from raylm.registry import register
-from raylm.runs import RunPaths
 from raylm.serving.server import start_serving, stop_serving
-from raylm.train.checkpoint import save_checkpoint
-from tests.conftest import free_port
+from tests.conftest import free_port, register_untrained_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,21 +16,13 @@ KEY = "test-key-not-a-secret"
 
 
 @pytest.fixture(scope="module")
-def server(prepared, tmp_path_factory):
+def server(prepared):
     base, data = prepared
     tree = base.model_dump(mode="json")
     tree["registry"] = {"name": "served"}
     tree["serve"] = {"port": free_port(), "max_batch_size": 4}
     cfg = validate_config(tree)
-    # A model made the way training makes its checkpoints, registered without a Ray Train run.
-    data_dir = Path(data["data_dir"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, data["vocab_size"], cfg.data.seq_len, 0, 1)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(checkpoint, model, data_dir / "tokenizer", optimizer, scheduler, {"step": 0, "tokens_seen": 0}, {})
-    register(RunPaths.of(cfg).registry, "served", checkpoint, {})
+    register_untrained_model(cfg, data, "served")
 
     os.environ["RAYLM_API_KEY"] = KEY
     try:

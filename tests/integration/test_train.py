@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from raylm.cluster import plan_resources
+from raylm.data.prepare import run_prepare
 from raylm.runs import RunPaths
 from raylm.train.trainer import run_train
 
@@ -38,3 +39,49 @@ def test_two_workers_loss_falls_and_checkpoint_loads(prepared):
     # Running the same run again reuses the finished result instead of training again.
     assert run_train(cfg, plan) == summary
     assert (RunPaths.of(cfg).train / "result.json").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    """Ctrl-C a `raylm train` process after its first checkpoint; the same command again finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from raylm.config import load_config
+    from tests.conftest import REPO, tiny_overrides
+
+    cfg, _ = prepared
+    overrides = [*tiny_overrides(tmp_path, name="interrupted"), "train.max_steps=20", "train.eval_every=5"]
+    resumed_cfg = load_config(None, overrides)
+    run_prepare(resumed_cfg)
+    train_dir = RunPaths.of(resumed_cfg).train
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "train", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any(train_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not any(train_dir.glob("checkpoint_*")):
+            pytest.fail(f"no checkpoint appeared: {process.stderr.read().decode() if process.poll() else 'timeout'}")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not (train_dir / "result.json").exists()
+
+    summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
+    assert summary["resumed"] is True
+    assert summary["step"] == 20
+    assert summary["tokens_seen"] == 20 * cfg.train.batch_size * cfg.data.seq_len

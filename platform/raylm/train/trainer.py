@@ -76,10 +76,30 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     started = time.monotonic()
     with live_progress(cfg.train.max_steps) as actor_name:
         trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     summary = summarize(result.checkpoint.path, started, resumed)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C reaches raylm, which stops what it started and says how to
+    resume, rather than the handler Ray Train installs when `fit` runs on the main thread."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="raylm-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def summarize(checkpoint_dir: str, started: float, resumed: bool = False) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""The `raylm` command as users run it: a separate process, JSON on stdout, progress on stderr, clean Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raylm.config import load_config
+from tests.conftest import REPO, free_port, register_untrained_model, tiny_overrides
+
+pytestmark = pytest.mark.timeout(300)
+RAYLM = [sys.executable, "-m", "raylm.cli"]
+
+
+def test_prepare_connects_to_a_running_cluster(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [*RAYLM, "prepare", "--address", address, *tiny_overrides(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    summary = json.loads(line)
+    assert summary["stage"] == "prepare" and summary["documents"] == 238
+    assert Path(summary["manifest"]).is_file()
+    assert "tokenize + pack" in result.stderr
+
+
+def test_changed_config_is_refused_before_connecting(prepared):
+    cfg, _ = prepared
+    # The same run (directory and name) as the prepared fixture, with one key changed.
+    result = subprocess.run(
+        [*RAYLM, "prepare", "--address", "127.0.0.1:1", *tiny_overrides(Path(cfg.run.dir)), "data.seq_len=48"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "data.seq_len: 32 -> 48" in result.stderr and "--restart" in result.stderr
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_serve_answers_then_ctrl_c_leaves_nothing_behind(prepared):
+    cfg, data = prepared
+    port = free_port()
+    serve_cfg = load_config(None, [*tiny_overrides(Path(cfg.run.dir)), "registry.name=cli", f"serve.port={port}"])
+    register_untrained_model(serve_cfg, data, "cli")
+    ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    process = subprocess.Popen(
+        [*RAYLM, "serve", *tiny_overrides(Path(cfg.run.dir)), "registry.name=cli", f"serve.port={port}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = process.stdout.readline()
+        summary = json.loads(line)
+        assert summary["url"] == f"http://127.0.0.1:{port}" and summary["model"] == "cli"
+        reply = httpx.post(f"{summary['url']}/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=60)
+        assert reply.status_code == 200
+        assert _processes_mentioning(ray_tmp), "the embedded cluster runs under RAY_TMPDIR"
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _processes_mentioning(ray_tmp) == []
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{summary['url']}/healthz", timeout=5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
