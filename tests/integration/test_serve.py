@@ -110,3 +110,14 @@ def test_api_key_method_and_route_errors(server):
     assert wrong.status_code == 401
     assert client.get("/v1/completions").status_code == 405
     assert client.get("/nowhere").status_code == 404
+
+
+def test_the_official_openai_client_works_unmodified(server):
+    from openai import OpenAI
+
+    summary, _, _cfg = server
+    client = OpenAI(base_url=summary["openai_base_url"], api_key=KEY, max_retries=0)
+    completion = client.completions.create(model="served", prompt="The night train", max_tokens=4, temperature=0)
+    assert completion.object == "text_completion" and isinstance(completion.choices[0].text, str)
+    assert completion.usage.completion_tokens <= 4
+    assert {model.id for model in client.models.list()} == {"served", "served:latest", "served:1"}

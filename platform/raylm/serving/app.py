@@ -207,4 +207,8 @@ class LMServer:
 
 def build_app(model_dir: str, served_name: str, aliases: list[str], options: dict[str, Any], num_replicas: int = 1):
     """The Serve application for one model (`options`: threads, batching and limits, the API key's hash)."""
-    return LMServer.options(num_replicas=num_replicas).bind(model_dir, served_name, aliases, **options)
+    # Serve's default of 5 ongoing requests per replica would cap every batch at 5.
+    ongoing = 2 * options.get("max_batch_size", 8)
+    return LMServer.options(num_replicas=num_replicas, max_ongoing_requests=ongoing).bind(
+        model_dir, served_name, aliases, **options
+    )
