@@ -149,6 +149,20 @@ def run_stage(
     raise AssertionError("unreachable")
 
 
+def run_resumable_stage(
+    stage: str,
+    runner: Callable[..., dict[str, Any]],
+    config: Path | None,
+    overrides: list[str] | None,
+    address: str | None,
+    restart: bool,
+    verbose: bool,
+) -> None:
+    """A stage that follows the run.name rule: refuse a changed config before connecting, then run and report."""
+    cfg = load(config, overrides)
+    emit(run_stage(cfg, address, verbose, runner, _preflight(cfg, (stage,), restart)))
+
+
 def _preflight(cfg: Config, stages: tuple[str, ...], restart: bool) -> Callable[[], None]:
     def check() -> None:
         from raylm.runs import check_stages
@@ -169,11 +183,8 @@ def prepare(
     """Read the corpus, train or load a tokenizer, write tokenized Parquet shards and their manifest."""
     from raylm.data.prepare import run_prepare
 
-    cfg = load(config, overrides)
-    emit(
-        run_stage(
-            cfg, address, verbose, lambda c, plan: run_prepare(c, restart), _preflight(cfg, ("prepare",), restart)
-        )
+    run_resumable_stage(
+        "prepare", lambda cfg, plan: run_prepare(cfg, restart), config, overrides, address, restart, verbose
     )
 
 
@@ -188,11 +199,8 @@ def train(
     """Data-parallel training on the shards with Ray Train; resumes a run.name that did not finish."""
     from raylm.train.trainer import run_train
 
-    cfg = load(config, overrides)
-    emit(
-        run_stage(
-            cfg, address, verbose, lambda c, plan: run_train(c, plan, restart), _preflight(cfg, ("train",), restart)
-        )
+    run_resumable_stage(
+        "train", lambda cfg, plan: run_train(cfg, plan, restart), config, overrides, address, restart, verbose
     )
 
 
@@ -207,11 +215,8 @@ def tune(
     """Sweep train.* fields with Ray Tune (ASHA); the best trial by validation loss is recorded."""
     from raylm.tune import run_tune
 
-    cfg = load(config, overrides)
-    emit(
-        run_stage(
-            cfg, address, verbose, lambda c, plan: run_tune(c, plan, restart), _preflight(cfg, ("tune",), restart)
-        )
+    run_resumable_stage(
+        "tune", lambda cfg, plan: run_tune(cfg, plan, restart), config, overrides, address, restart, verbose
     )
 
 

@@ -28,8 +28,16 @@ class _Section(BaseModel):
 
 class RunSection(_Section):
     dir: str = "runs"
-    """Root for shards, training runs, sweeps and the registry."""
+    """Root for shards, training runs, sweeps and the registry. A relative path is made absolute when the config is
+    loaded: Ray workers and Tune trials run in other working directories."""
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if "://" in value:
+            return value
+        return str(Path(value).expanduser().absolute())
 
 
 class TokenizerSection(_Section):

@@ -28,4 +28,5 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
 
 
 def say(message: str) -> None:
-    console.print(message)
+    # soft_wrap: long paths stay on one line (copyable) instead of being wrapped at 80 columns in logs.
+    console.print(message, soft_wrap=True)

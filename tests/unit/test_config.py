@@ -108,3 +108,12 @@ def test_cli_exits_2_naming_the_key_before_starting_ray():
     assert result.returncode == 2
     assert "train.lrr: unknown key (did you mean 'train.lr'?)" in result.stderr
     assert result.stdout == ""
+
+
+def test_run_dir_is_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.dir=runs"])
+    assert cfg.run.dir == str(tmp_path / "runs")
+    # Re-validated on a worker with another working directory, it stays where the user meant.
+    monkeypatch.chdir("/")
+    assert Config.model_validate(cfg.model_dump()).run.dir == str(tmp_path / "runs")
