@@ -87,6 +87,12 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """Serve's HTTP proxy takes its port once per cluster: every test serving on the shared cluster uses this one."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def prepared(ray_cluster, tmp_path_factory):
     """The tiny test corpus prepared once: (config, prepare summary)."""
     from raylm.config import load_config

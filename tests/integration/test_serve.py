@@ -16,11 +16,11 @@ KEY = "test-key-not-a-secret"
 
 
 @pytest.fixture(scope="module")
-def server(prepared):
+def server(prepared, serve_port):
     base, data = prepared
     tree = base.model_dump(mode="json")
     tree["registry"] = {"name": "served"}
-    tree["serve"] = {"port": free_port(), "max_batch_size": 4}
+    tree["serve"] = {"port": serve_port, "max_batch_size": 4}
     cfg = validate_config(tree)
     register_untrained_model(cfg, data, "served")
 
@@ -121,3 +121,12 @@ def test_the_official_openai_client_works_unmodified(server):
     assert completion.object == "text_completion" and isinstance(completion.choices[0].text, str)
     assert completion.usage.completion_tokens <= 4
     assert {model.id for model in client.models.list()} == {"served", "served:latest", "served:1"}
+
+
+def test_a_second_port_on_the_same_cluster_is_refused(server):
+    from raylm.serving.server import ServeConfigError
+
+    _summary, _client, cfg = server
+    other = validate_config({**cfg.model_dump(mode="json"), "serve": {"port": free_port()}})
+    with pytest.raises(ServeConfigError, match=r"already listens on 127\.0\.0\.1"):
+        start_serving(other, plan_resources(other, embedded=True))

@@ -19,3 +19,12 @@ def test_standard_library_platform_still_imports_from_the_repo_root():
 def test_no_module_shadows_the_standard_library():
     names = {p.stem for folder in ("jobs", "serve", "bench") for p in (REPO / folder).glob("*.py")}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_job_entry_points_run_the_cli():
+    for script in ("prepare_data", "train", "tune", "pipeline"):
+        result = subprocess.run(
+            [sys.executable, f"jobs/{script}.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert "--config" in result.stdout

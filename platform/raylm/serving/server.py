@@ -88,6 +88,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     model = resolve_model(cfg)
     options = app_options(cfg, plan.cpus_per_worker)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    _check_http_options(cfg.serve)
     app = build_app(str(model.path), model.name, model.aliases, options, cfg.serve.num_replicas)
     serve.run(app, name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
@@ -102,6 +103,18 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
         "model_dir": str(model.path),
         "api_key_required": options["api_key_sha256"] is not None,
     }
+
+
+def _check_http_options(section: ServeSection) -> None:
+    """Serve's HTTP proxy is configured once per cluster; `serve.start` ignores different options afterwards."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (section.host, section.port):
+        raise ServeConfigError(
+            f"Ray Serve already listens on {running.host}:{running.port} in this cluster and cannot move to "
+            f"serve.host={section.host}, serve.port={section.port}: use those, or `serve shutdown` first"
+        )
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:

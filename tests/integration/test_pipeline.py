@@ -1,0 +1,34 @@
+"""The whole pipeline in one call, as `raylm pipeline --ask` runs it: prepare -> train -> register -> serve -> ask."""
+
+import pytest
+
+from raylm.cluster import plan_resources
+from raylm.config import load_config
+from raylm.pipeline import run_pipeline
+from raylm.registry import resolve
+from raylm.runs import RunPaths
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.mark.slow
+def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tmp_path, name="pipe"), "tune.enabled=false", f"serve.port={serve_port}"])
+    summary = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=5)
+
+    assert [key for key in summary if key != "stage"] == ["prepare", "train", "register", "serve", "completion"]
+    assert summary["train"]["step"] == cfg.train.max_steps
+    assert summary["register"]["model"] == "pipe:1" and summary["serve"]["version"] == 1
+    completion = summary["completion"]
+    assert completion["prompt"] == "The river" and isinstance(completion["text"], str)
+    assert completion["usage"]["completion_tokens"] <= 5
+    version = resolve(RunPaths.of(cfg).registry, "pipe:latest")
+    assert version.manifest["source"] == "train"
+    assert version.manifest["metrics"]["val_loss"] == summary["train"]["val_loss"]
+
+    # The same command again reuses every stage: no new version, nothing retrained.
+    again = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=5)
+    assert again["prepare"]["cache"] == "hit"
+    assert again["train"] == summary["train"]
+    assert again["register"]["new"] is False and again["register"]["version"] == 1
