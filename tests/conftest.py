@@ -21,6 +21,9 @@ _TOKEN_PATH.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_PATH)
 os.environ.pop("RAY_ADDRESS", None)
+# Nothing in the tests may download: a stray hub lookup fails fast instead of hanging on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("RAYLM_API_KEY", None)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,17 +46,37 @@ class TokenizerSection(_Section):
     vocab_size: int = Field(2048, ge=300, le=1_000_000)
     sample_bytes: int = Field(4_000_000, gt=0)
     """How much of the corpus the BPE is trained on."""
+    bos_token: str = Field("<|endoftext|>", min_length=1)
+    eos_token: str = Field("<|endoftext|>", min_length=1)
+    pad_token: str = Field("<|pad|>", min_length=1)
+    """Special tokens of a trained tokenizer (GPT-2 style by default: BOS and EOS are the same token)."""
+
+
+class HFDatasetSection(_Section):
+    path: str
+    """`datasets.load_dataset(path, ...)`: a local dataset directory, a builder such as `json`, or a hub id."""
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
 
 
 class DataSection(_Section):
-    source: Literal["files", "stdlib"] | None = None
+    source: Literal["files", "stdlib", "hf"] | None = None
     """`files` reads `paths`; `stdlib` reads this Python's own standard-library sources (an offline demo corpus).
     Unset: `files` when `paths` are given, else `stdlib`."""
     paths: list[str] = []
-    format: Literal["text", "jsonl", "parquet"] = "text"
+    format: Literal["text", "jsonl", "parquet", "hf"] = "text"
+    """`jsonl` also reads `.json` files holding one array of records; `hf` reads `data.hf` with `datasets`."""
     text_field: str = "text"
     text_unit: Literal["file", "line"] = "line"
     """For `format: text`: a document per file or per line."""
+    hf: HFDatasetSection | None = None
+    skip_bad_rows: bool = False
+    """Invalid JSON lines (or records without the text field) are skipped and counted instead of stopping."""
+    on_decode_error: Literal["replace", "error"] = "replace"
+    """Invalid UTF-8: replace the bytes (and count the documents) or stop with file:line."""
+    add_bos: bool = False
+    """Start every document with the BOS token (EOS always ends one)."""
     max_bytes: int | None = Field(None, gt=0)
     """Read whole files, in path order, until this many bytes (keeps demos quick)."""
     seq_len: int = Field(128, ge=8, le=32768)
@@ -67,6 +87,15 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _paths_for_files(self) -> DataSection:
+        if self.format == "hf":
+            if self.hf is None:
+                raise ValueError("data.format is hf: name the dataset in data.hf.path")
+            if self.paths or self.source == "stdlib":
+                raise ValueError("data.format is hf: data.paths and data.source do not apply")
+            self.source = "hf"
+            return self
+        if self.source == "hf":
+            raise ValueError("data.source is hf: set data.format: hf and data.hf.path")
         if self.source is None:
             self.source = "files" if self.paths else "stdlib"
         if self.source == "stdlib" and self.paths:

@@ -2,6 +2,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylm.data.pack import BlockCarry, TokenizePack, pack_documents
+from raylm.data.sources import BAD, OK, split_of
 from raylm.data.tokenizer import EOS_TOKEN, train_bpe
 
 
@@ -25,15 +26,17 @@ def test_block_carry_joins_leftovers_in_order():
 
 
 def test_tokenize_pack_counts_every_token(tmp_path):
-    texts = ["the cat sat on the mat", "  ", "a dog ran far away", "the end", "x"]
-    tokenizer = train_bpe(texts * 20, vocab_size=300)
+    texts = ["the cat sat on the mat", "  ", "a dog ran far away", "the end", "x", None]
+    tokenizer = train_bpe([t for t in texts if t] * 20, vocab_size=300)
     tokenizer.save_pretrained(str(tmp_path))
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    packer = TokenizePack(str(tmp_path / "tokenizer.json"), eos_id=eos, seq_len=3)
-    batch = pa.table({"text": texts, "split": ["train", "train", "val", "train", "val"]})
+    splits = {t: split_of(t, seed=0, val_fraction=0.5) for t in texts if t is not None}
+    packer = TokenizePack(str(tmp_path / "tokenizer.json"), eos_id=eos, seq_len=3, seed=0, val_fraction=0.5)
+    batch = pa.table({"text": pa.array(texts, pa.large_string()), "status": pa.array([OK] * 5 + [BAD], pa.int8())})
     out = packer(batch).to_pydict()
 
-    for split, docs in {"train": [texts[0], texts[3]], "val": [texts[2], texts[4]]}.items():
+    for split in ("train", "val"):
+        docs = [t for t in texts if t is not None and t.strip() and splits[t] == split]
         expected = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
         rows = [i for i, s in enumerate(out["split"]) if s == split]
         tail = [i for i in rows if out["is_tail"][i]]
@@ -41,5 +44,9 @@ def test_tokenize_pack_counts_every_token(tmp_path):
         assert sum(len(out["input_ids"][i]) for i in rows) == expected
         assert all(len(out["input_ids"][i]) == 4 for i in rows if i not in tail)
         assert out["n_tokens"][tail[0]] == expected
-    train_tail = next(i for i, s in enumerate(out["split"]) if s == "train" and out["is_tail"][i])
-    assert out["n_docs"][train_tail] == 2 and out["n_empty"][train_tail] == 1
+        tail_row = tail[0]
+        assert out["n_docs"][tail_row] == len(docs)
+        assert out["n_empty"][tail_row] == sum(
+            1 for t in texts if t is not None and not t.strip() and splits[t] == split
+        )
+    assert sum(out["n_bad"]) == 1

@@ -45,44 +45,62 @@ class BlockCarry:
         return len(self.pending)
 
 
-def _rows(blocks: np.ndarray, tail: np.ndarray, split: str, n_docs: int, n_empty: int, n_tokens: int) -> pa.Table:
+COUNTS = ("n_docs", "n_empty", "n_tokens", "n_replaced", "n_bad")
+"""Per-batch counts carried by each split's tail row (bad rows have no split: they are counted on train's)."""
+
+
+def _rows(blocks: np.ndarray, tail: np.ndarray, split: str, counts: dict[str, int]) -> pa.Table:
     lengths = [blocks.shape[1]] * len(blocks) + [len(tail)]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = np.concatenate([blocks.reshape(-1), tail]).astype(np.int32)
-    count = len(lengths)
-    zeros = [0] * (count - 1)
+    zeros = [0] * (len(lengths) - 1)
     return pa.table(
         {
             "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
-            "split": pa.array([split] * count, pa.string()),
-            "is_tail": pa.array([False] * (count - 1) + [True]),
-            "n_docs": pa.array([*zeros, n_docs], pa.int64()),
-            "n_empty": pa.array([*zeros, n_empty], pa.int64()),
-            "n_tokens": pa.array([*zeros, n_tokens], pa.int64()),
+            "split": pa.array([split] * len(lengths), pa.string()),
+            "is_tail": pa.array([False] * len(zeros) + [True]),
+            **{name: pa.array([*zeros, counts.get(name, 0)], pa.int64()) for name in COUNTS},
         }
     )
 
 
 class TokenizePack:
-    """Ray Data callable class: the tokenizer is loaded once per actor, then each batch of documents becomes
+    """Ray Data callable class: the tokenizer is loaded once per actor, then each batch of document rows becomes
     full blocks plus, per split, one tail row carrying the leftover tokens and the batch's counts."""
 
-    def __init__(self, tokenizer_file: str, eos_id: int, seq_len: int):
+    def __init__(self, tokenizer_file: str, eos_id: int, seq_len: int, seed: int, val_fraction: float, bos_id=None):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(tokenizer_file)
         self.eos_id = eos_id
+        self.bos = [bos_id] if bos_id is not None else []
         self.block_len = seq_len + 1
+        self.seed = seed
+        self.val_fraction = val_fraction
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        splits = batch.column("split").to_pylist()
+        from raylm.data.sources import BAD, REPLACED, split_of
+
+        by_split: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+        bad = 0
+        for text, status in zip(batch.column("text").to_pylist(), batch.column("status").to_pylist(), strict=True):
+            if status == BAD:
+                bad += 1
+            else:
+                by_split[split_of(text, self.seed, self.val_fraction)].append((text, status))
         tables = []
         for split in SPLITS:
-            chosen = [t for t, s in zip(texts, splits, strict=True) if s == split]
-            kept = [t for t in chosen if t.strip()]
-            ids = [e.ids for e in self.tokenizer.encode_batch(kept, add_special_tokens=False)] if kept else []
+            docs = by_split[split]
+            kept = [text for text, _ in docs if text.strip()]
+            encoded = self.tokenizer.encode_batch(kept, add_special_tokens=False) if kept else []
+            ids = [self.bos + e.ids for e in encoded]
             blocks, tail = pack_documents(ids, self.eos_id, self.block_len)
-            n_tokens = sum(len(doc) + 1 for doc in ids)
-            tables.append(_rows(blocks, tail, split, len(kept), len(chosen) - len(kept), n_tokens))
+            counts = {
+                "n_docs": len(kept),
+                "n_empty": len(docs) - len(kept),
+                "n_tokens": sum(len(doc) + 1 for doc in ids),
+                "n_replaced": sum(status == REPLACED for _, status in docs),
+                "n_bad": bad if split == "train" else 0,
+            }
+            tables.append(_rows(blocks, tail, split, counts))
         return pa.concat_tables(tables)

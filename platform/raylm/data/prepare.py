@@ -3,10 +3,15 @@
 Ray Data reads the files and tokenizes/packs in an actor pool (one tokenizer load per actor); the driver consumes the
 packed stream in order, joins the per-batch leftovers into further blocks, writes the shards, and counts everything,
 so the manifest's numbers are exact and one progress display shows documents and tokens/s.
+
+Shards are reused when the same config meets the same inputs (same files, sizes and modification times, same
+tokenizer): "cache hit". Changed inputs rebuild them; a changed config is the run.name rule's business
+(`raylm.runs`): refused unless `--restart`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -17,45 +22,58 @@ from typing import Any
 import numpy as np
 
 from raylm.config import Config, fingerprint
-from raylm.data.pack import SPLITS, BlockCarry, TokenizePack
+from raylm.data.pack import COUNTS, SPLITS, BlockCarry, TokenizePack
 from raylm.data.shards import MANIFEST, ShardWriter, read_manifest, token_dtype
-from raylm.data.sources import list_input_files, read_documents
-from raylm.data.tokenizer import build_tokenizer, tokenizer_hash
+from raylm.data.sources import DataError, fingerprint_files, fingerprint_hf, list_input_files, read_documents
+from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_source_hash
 from raylm.progress import progress, say
 from raylm.runs import claim_stage, stage_config, write_json
 
-DOCS_PER_BATCH = 128
+DOCS_PER_BATCH = 256
+
+
+def source_fingerprint(cfg: Config, files: list[str]) -> dict[str, Any]:
+    """What the shards depend on besides the config: the input files (or dataset) and a local tokenizer's content."""
+    source = fingerprint_hf(cfg.data) if cfg.data.format == "hf" else fingerprint_files(files)
+    return {**source, "tokenizer": tokenizer_source_hash(cfg.data.tokenizer)}
 
 
 def run_prepare(cfg: Config, restart: bool = False) -> dict[str, Any]:
-    """Prepare shards for `cfg` (reusing them when they exist for the same config). Returns the summary."""
+    """Prepare shards for `cfg` (reusing them when config and inputs are unchanged). Returns the summary."""
     data_dir, reusable = claim_stage(cfg, "prepare", restart)
+    files = [] if cfg.data.format == "hf" else list_input_files(cfg.data)
+    source = source_fingerprint(cfg, files)
     if reusable:
-        say(f"prepare: cache hit, reusing the shards in {data_dir}")
-        return summarize(data_dir, read_manifest(data_dir), cache="hit")
+        manifest = read_manifest(data_dir)
+        if manifest.get("source") == source:
+            say(f"prepare: cache hit, reusing the shards in {data_dir}")
+            return summarize(data_dir, manifest, cache="hit")
+        say("prepare: the inputs changed since these shards were made: rebuilding them")
+        (data_dir / MANIFEST).unlink()
     started = time.monotonic()
-    files = list_input_files(cfg.data)
     docs = read_documents(cfg.data, files)
-    corpus = "Python standard library sources (demo corpus)" if cfg.data.source == "stdlib" else "files"
-    say(f"prepare: {len(files)} {corpus} -> {data_dir}")
-    tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), data_dir / "tokenizer")
-    counts = _tokenize_and_write(cfg, docs, data_dir, tokenizer.eos_token_id, len(tokenizer))
+    say(f"prepare: {_describe_source(cfg, files)} -> {data_dir}")
+    with _ordered_execution():
+        tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), data_dir / "tokenizer")
+        counts = _tokenize_and_write(cfg, docs, data_dir, tokenizer)
     manifest = {
         "format": "raylm.shards/1",
         "config_hash": fingerprint(stage_config(cfg, "prepare")),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {"files": len(files), "bytes": sum(Path(f).stat().st_size for f in files)},
+        "source": source,
         "tokenizer": {
             "dir": "tokenizer",
             "source": cfg.data.tokenizer.path or "trained",
             "hash": tokenizer_hash(data_dir / "tokenizer"),
             "vocab_size": len(tokenizer),
             "eos_id": tokenizer.eos_token_id,
+            "bos_id": tokenizer.bos_token_id,
             "pad_id": tokenizer.pad_token_id,
         },
         "seq_len": cfg.data.seq_len,
         "block_len": cfg.data.seq_len + 1,
         "dtype": token_dtype(len(tokenizer)).name,
+        "rows_per_shard": cfg.data.rows_per_shard,
         **counts,
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -63,65 +81,99 @@ def run_prepare(cfg: Config, restart: bool = False) -> dict[str, Any]:
     return summarize(data_dir, manifest, cache="miss")
 
 
-def _text_batches(docs) -> Iterator[list[str]]:
+def _describe_source(cfg: Config, files: list[str]) -> str:
+    if cfg.data.format == "hf":
+        return f"Hugging Face dataset {cfg.data.hf.path!r} (split {cfg.data.hf.split})"
+    kind = "Python standard library sources (demo corpus)" if cfg.data.source == "stdlib" else "files"
+    return f"{len(files)} {kind}"
+
+
+@contextlib.contextmanager
+def _ordered_execution() -> Iterator[None]:
+    """Ray Data hands out results as they finish; prepare needs them in input order to be deterministic."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+def _text_batches(docs) -> Iterator[list[str | None]]:
     for batch in docs.iter_batches(batch_size=DOCS_PER_BATCH, batch_format="pyarrow"):
         yield batch.column("text").to_pylist()
 
 
-def _tokenize_and_write(cfg: Config, docs, data_dir: Path, eos_id: int, vocab_size: int) -> dict[str, Any]:
+def _tokenize_and_write(cfg: Config, docs, data_dir: Path, tokenizer) -> dict[str, Any]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     block_len = cfg.data.seq_len + 1
     for split in SPLITS:
         shutil.rmtree(data_dir / split, ignore_errors=True)
-    writers = {
-        s: ShardWriter(data_dir / s, block_len, token_dtype(vocab_size), cfg.data.rows_per_shard) for s in SPLITS
-    }
+    dtype = token_dtype(len(tokenizer))
+    writers = {s: ShardWriter(data_dir / s, block_len, dtype, cfg.data.rows_per_shard) for s in SPLITS}
     carries = {s: BlockCarry(block_len) for s in SPLITS}
-    totals = {s: {"documents": 0, "empty_documents": 0, "tokens": 0} for s in SPLITS}
+    totals = {s: dict.fromkeys(COUNTS, 0) for s in SPLITS}
     actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     packed = docs.map_batches(
         TokenizePack,
         fn_constructor_kwargs={
             "tokenizer_file": str(data_dir / "tokenizer" / "tokenizer.json"),
-            "eos_id": eos_id,
+            "eos_id": tokenizer.eos_token_id,
+            "bos_id": tokenizer.bos_token_id if cfg.data.add_bos else None,
             "seq_len": cfg.data.seq_len,
+            "seed": cfg.data.seed,
+            "val_fraction": cfg.data.val_fraction,
         },
         batch_size=DOCS_PER_BATCH,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=actors),
     )
-    context = DataContext.get_current()
-    saved_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     started = time.monotonic()
-    try:
-        with progress("tokenize + pack") as update:
-            for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
-                _consume(batch, writers, carries, totals)
-                tokens = sum(t["tokens"] for t in totals.values())
-                docs_done = sum(t["documents"] for t in totals.values())
-                rate = tokens / max(time.monotonic() - started, 1e-9)
-                update(info=f"{docs_done:,} documents, {tokens:,} tokens, {rate:,.0f} tokens/s")
-    finally:
-        context.execution_options.preserve_order = saved_order
+    with progress("tokenize + pack") as update:
+        for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _consume(batch, writers, carries, totals)
+            tokens = sum(t["n_tokens"] for t in totals.values())
+            docs_done = sum(t["n_docs"] for t in totals.values())
+            rate = tokens / max(time.monotonic() - started, 1e-9)
+            update(info=f"{docs_done:,} documents, {tokens:,} tokens, {rate:,.0f} tokens/s")
+    return _counts(writers, carries, totals, block_len)
+
+
+def _counts(writers, carries, totals, block_len: int) -> dict[str, Any]:
     splits = {}
     for split in SPLITS:
         shards = writers[split].close()
         blocks = sum(shard["rows"] for shard in shards)
         splits[split] = {
-            **totals[split],
+            "documents": totals[split]["n_docs"],
+            "empty_documents": totals[split]["n_empty"],
+            "replaced_documents": totals[split]["n_replaced"],
+            "tokens": totals[split]["n_tokens"],
             "blocks": blocks,
             "block_tokens": blocks * block_len,
             "dropped_tokens": carries[split].remainder,
             "shards": shards,
         }
-    return {
-        "documents": sum(t["documents"] for t in totals.values()),
-        "empty_documents": sum(t["empty_documents"] for t in totals.values()),
-        "tokens": sum(t["tokens"] for t in totals.values()),
-        "splits": splits,
+    counts = {
+        name: sum(splits[s][name] for s in SPLITS)
+        for name in ("documents", "empty_documents", "replaced_documents", "tokens", "dropped_tokens")
     }
+    counts["bad_rows"] = sum(totals[s]["n_bad"] for s in SPLITS)
+    if not counts["documents"]:
+        raise DataError(
+            f"the corpus holds no documents: {counts['empty_documents']} empty and {counts['bad_rows']} bad rows"
+        )
+    for split in SPLITS:
+        if not splits[split]["blocks"]:
+            raise DataError(
+                f"the {split} split got {splits[split]['tokens']} tokens, not one full block of {block_len}: "
+                "use a larger corpus, a smaller data.seq_len, or (for val) a larger data.val_fraction"
+            )
+    return {**counts, "splits": splits}
 
 
 def _consume(batch, writers, carries, totals) -> None:
@@ -141,8 +193,8 @@ def _consume(batch, writers, carries, totals) -> None:
             writers[split].add(values[offsets[start] : offsets[tail]].reshape(-1, writers[split].block_len))
             writers[split].add(carries[split].add(values[offsets[tail] : offsets[tail + 1]]))
             start = tail + 1
-        for name, column in (("documents", "n_docs"), ("empty_documents", "n_empty"), ("tokens", "n_tokens")):
-            totals[split][name] += int(pc.sum(part[column]).as_py() or 0)
+        for name in COUNTS:
+            totals[split][name] += int(pc.sum(part[name]).as_py() or 0)
 
 
 def summarize(data_dir: Path, manifest: dict[str, Any], cache: str) -> dict[str, Any]:
@@ -153,7 +205,10 @@ def summarize(data_dir: Path, manifest: dict[str, Any], cache: str) -> dict[str,
         "manifest": str(data_dir / MANIFEST),
         "documents": manifest["documents"],
         "empty_documents": manifest["empty_documents"],
+        "replaced_documents": manifest["replaced_documents"],
+        "bad_rows": manifest["bad_rows"],
         "tokens": manifest["tokens"],
+        "dropped_tokens": manifest["dropped_tokens"],
         "train_blocks": manifest["splits"]["train"]["blocks"],
         "val_blocks": manifest["splits"]["val"]["blocks"],
         "vocab_size": manifest["tokenizer"]["vocab_size"],

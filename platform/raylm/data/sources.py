@@ -1,11 +1,13 @@
-"""Find the corpus and read it into a Ray Dataset of documents (`text`, `split`).
+"""Find the corpus and read it into a Ray Dataset of documents: rows of `text` and `status`.
 
-Text and JSONL are read as bytes (`read_binary_files`) and split here rather than with `read_text`/`read_json`:
-`read_text` silently drops empty lines and `read_json` errors carry no line number, and both matter for counting
-documents and for telling the user which line of which file is wrong.
+Text and JSON lines are read by a file datasource of our own (`DocumentsDatasource`) rather than `read_text` or
+`read_json`: `read_text` silently drops empty lines, `read_json` errors carry no line number, and both hold a whole
+file in memory. Ours streams each file in chunks (compressed files too: the codec comes from the extension),
+counts every line, and names file and line in its errors. Parquet files and Hugging Face datasets go through Ray
+Data's own readers.
 
-Each document goes to the train or validation split by a seeded hash of its text: deterministic, independent of
-file order and of how Ray splits the work, and exact duplicates never straddle the two splits.
+Every input row becomes a row here, so nothing is lost silently: `status` says whether it is a document
+(`OK`), a document whose invalid UTF-8 was replaced (`REPLACED`), or a bad row that was skipped (`BAD`, text null).
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from raylm.config import DataSection
+
+OK, BAD, REPLACED = 0, 1, 2
+CHUNK_BYTES = 4 << 20
+"""How much of a file is read at a time: memory per read task stays flat whatever the file's size."""
+ROWS_PER_BLOCK = 8192
 
 
 class DataError(ValueError):
@@ -75,42 +83,164 @@ def _cap(files: list[str], max_bytes: int | None) -> list[str]:
     return kept
 
 
+def fingerprint_files(files: list[str]) -> dict[str, Any]:
+    """What the shards were made from: every file's path, size and modification time, and a hash over them."""
+    entries = [[path, (stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in files]
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    return {"kind": "files", "files": len(entries), "bytes": sum(e[1] for e in entries), "hash": digest}
+
+
 def split_of(text: str, seed: int, val_fraction: float) -> str:
-    digest = hashlib.blake2b(
-        text.encode("utf-8", "replace"), digest_size=8, key=seed.to_bytes(8, "little", signed=True)
-    )
+    """train or val, by a seeded hash of the document's text (identical documents never straddle the splits)."""
+    key = seed.to_bytes(8, "little", signed=True)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key)
     return "val" if int.from_bytes(digest.digest(), "little") / 2**64 < val_fraction else "train"
 
 
-def documents_from_bytes(batch: dict[str, Any], fmt: str, text_unit: str, text_field: str) -> dict[str, list]:
-    """Runs in Ray Data tasks: file bytes -> documents. Raises `DataError` naming file and line."""
-    texts: list[str] = []
-    for raw, path in zip(batch["bytes"], batch["path"], strict=True):
-        content = bytes(raw).decode("utf-8", errors="replace")
-        if fmt == "text":
-            texts += [content] if text_unit == "file" else content.splitlines()
-        else:
-            texts += _jsonl_texts(content, path, text_field)
-    return {"text": texts}
+class _Rows:
+    """Collects document rows and hands them out as Arrow blocks of bounded size."""
+
+    def __init__(self) -> None:
+        self.texts: list[str | None] = []
+        self.status: list[int] = []
+
+    def add(self, text: str | None, status: int) -> None:
+        self.texts.append(text)
+        self.status.append(status)
+
+    def full(self) -> bool:
+        return len(self.texts) >= ROWS_PER_BLOCK
+
+    def take(self) -> pa.Table:
+        table = pa.table({"text": pa.array(self.texts, pa.large_string()), "status": pa.array(self.status, pa.int8())})
+        self.texts, self.status = [], []
+        return table
 
 
-def _jsonl_texts(content: str, path: str, field: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _lines(stream, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(line number, line bytes without the newline), reading the stream a chunk at a time."""
+    number, pending = 0, b""
+    while chunk := stream.read(chunk_bytes):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            number += 1
+            yield number, line.removesuffix(b"\r")
+    if pending:
+        yield number + 1, pending.removesuffix(b"\r")
+
+
+class DocumentParser:
+    """Turns one file's bytes into document rows; shared by the datasource and the tests."""
+
+    def __init__(self, fmt: str, text_unit: str, text_field: str, skip_bad_rows: bool, on_decode_error: str):
+        self.fmt = fmt
+        self.text_unit = text_unit
+        self.text_field = text_field
+        self.skip_bad_rows = skip_bad_rows
+        self.on_decode_error = on_decode_error
+
+    def decode(self, raw: bytes, where: str) -> tuple[str, int]:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict) or field not in record:
+            return raw.decode("utf-8"), OK
+        except UnicodeDecodeError as err:
+            if self.on_decode_error == "error":
+                raise DataError(f"{where}: invalid UTF-8 at byte {err.start} (data.on_decode_error: error)") from None
+            return raw.decode("utf-8", errors="replace"), REPLACED
+
+    def rows(self, stream, path: str) -> Iterator[pa.Table]:
+        rows = _Rows()
+        if self.fmt == "text" and self.text_unit == "file":
+            rows.add(*self.decode(stream.read(), path))
+        else:
+            first = True
+            for number, raw in _lines(stream):
+                if first and self.fmt == "jsonl" and raw.lstrip()[:1] == b"[":
+                    # A .json file holding one array of records rather than JSON lines.
+                    yield from self._json_array(raw + stream.read(), path)
+                    return
+                first = False
+                self._line(rows, raw, f"{path}:{number}")
+                if rows.full():
+                    yield rows.take()
+        if rows.texts:
+            yield rows.take()
+
+    def _line(self, rows: _Rows, raw: bytes, where: str) -> None:
+        text, status = self.decode(raw, where)
+        if self.fmt == "text":
+            rows.add(text, status)
+            return
+        if not text.strip():
+            return  # a blank line between JSON records is not a record
+        try:
+            rows.add(self._field(_json_loads_or_error(text, where), where), status)
+        except DataError:
+            if not self.skip_bad_rows:
+                raise
+            rows.add(None, BAD)
+
+    def _field(self, record: Any, where: str) -> str:
+        if not isinstance(record, dict) or self.text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}:{number}: no field {field!r} (data.text_field); the record has {keys}")
-        value = record[field]
+            raise DataError(f"{where}: no field {self.text_field!r} (data.text_field); the record has {keys}")
+        value = record[self.text_field]
         if not isinstance(value, str):
-            raise DataError(f"{path}:{number}: field {field!r} is {type(value).__name__}, not a string")
-        texts.append(value)
-    return texts
+            raise DataError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not a string")
+        return value
+
+    def _json_array(self, raw: bytes, path: str) -> Iterator[pa.Table]:
+        text, status = self.decode(raw, path)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        rows = _Rows()
+        for index, record in enumerate(records):
+            try:
+                rows.add(self._field(record, f"{path}[{index}]"), status)
+            except DataError:
+                if not self.skip_bad_rows:
+                    raise
+                rows.add(None, BAD)
+            if rows.full():
+                yield rows.take()
+        if rows.texts:
+            yield rows.take()
+
+
+def _json_loads_or_error(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def make_datasource(files: list[str], parser: DocumentParser):
+    # Defined here so that importing this module (for DataError, in the CLI and unit tests) does not import Ray Data.
+    from ray.data.datasource import FileBasedDatasource
+
+    class DocumentsDatasource(FileBasedDatasource):
+        """Streams text and JSON-lines files into document rows (see the module docstring)."""
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            yield from parser.rows(f, path)
+
+    return DocumentsDatasource(files)
+
+
+def read_documents(data: DataSection, files: list[str]):
+    """A Ray Dataset of document rows (`text`, `status`). Lazy: nothing runs until it is iterated."""
+    import ray.data
+
+    if data.format == "hf":
+        return _hf_documents(data)
+    if data.format == "parquet":
+        check_parquet_column(files, data.text_field)
+        table = ray.data.read_parquet(files, columns=[data.text_field])
+        return table.map_batches(_column_as_documents, fn_kwargs={"field": data.text_field}, batch_format="pyarrow")
+    parser = DocumentParser(data.format, data.text_unit, data.text_field, data.skip_bad_rows, data.on_decode_error)
+    return ray.data.read_datasource(make_datasource(files, parser))
 
 
 def check_parquet_column(files: list[str], field: str) -> None:
@@ -122,27 +252,46 @@ def check_parquet_column(files: list[str], field: str) -> None:
             raise DataError(f"{path}: no column {field!r} (data.text_field); the columns are {names}")
 
 
-def with_split(batch: pa.Table, seed: int, val_fraction: float) -> pa.Table:
-    texts = [t if t is not None else "" for t in batch.column("text").to_pylist()]
-    splits = [split_of(text, seed, val_fraction) for text in texts]
-    return pa.table({"text": pa.array(texts, pa.large_string()), "split": pa.array(splits, pa.string())})
+def _column_as_documents(batch: pa.Table, field: str) -> pa.Table:
+    column = batch.column(field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"column {field!r} (data.text_field) holds {column.type}, not strings")
+    texts = column.cast(pa.large_string())
+    return pa.table({"text": texts, "status": pa.array([OK] * len(texts), pa.int8())})
 
 
-def read_documents(data: DataSection, files: list[str]):
-    """A Ray Dataset of documents with their split. Lazy: nothing runs until it is iterated."""
+def load_hf_dataset(data: DataSection):
+    """`datasets.load_dataset(path, name, split=...)`: a local dataset directory, data files, or a hub id."""
+    import datasets
+
+    hf = data.hf
+    try:
+        dataset = datasets.load_dataset(hf.path, hf.name, split=hf.split, revision=hf.revision)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"data.hf: cannot load dataset {hf.path!r} (split {hf.split!r}): {err}") from None
+    if data.text_field not in dataset.column_names:
+        raise DataError(
+            f"data.hf: dataset {hf.path!r} has no column {data.text_field!r} (data.text_field); "
+            f"the columns are {dataset.column_names}"
+        )
+    return dataset.select_columns([data.text_field])
+
+
+def _hf_documents(data: DataSection):
     import ray.data
 
-    if data.format == "parquet":
-        check_parquet_column(files, data.text_field)
-        docs = ray.data.read_parquet(files, columns=[data.text_field])
-        if data.text_field != "text":
-            docs = docs.rename_columns({data.text_field: "text"})
-    else:
-        docs = ray.data.read_binary_files(files, include_paths=True).map_batches(
-            documents_from_bytes,
-            fn_kwargs={"fmt": data.format, "text_unit": data.text_unit, "text_field": data.text_field},
-            batch_format="numpy",
-        )
-    return docs.map_batches(
-        with_split, fn_kwargs={"seed": data.seed, "val_fraction": data.val_fraction}, batch_format="pyarrow"
+    dataset = load_hf_dataset(data)
+    return ray.data.from_huggingface(dataset).map_batches(
+        _column_as_documents, fn_kwargs={"field": data.text_field}, batch_format="pyarrow"
     )
+
+
+def fingerprint_hf(data: DataSection) -> dict[str, Any]:
+    dataset = load_hf_dataset(data)
+    return {
+        "kind": "hf",
+        "path": data.hf.path,
+        "split": data.hf.split,
+        "rows": dataset.num_rows,
+        "hash": getattr(dataset, "_fingerprint", None) or "unknown",
+    }
