@@ -184,7 +184,13 @@ def prepare(
     from raylm.data.prepare import run_prepare
 
     run_resumable_stage(
-        "prepare", lambda cfg, plan: run_prepare(cfg, restart), config, overrides, address, restart, verbose
+        "prepare",
+        lambda cfg, plan: run_prepare(cfg, restart, plan.tokenize_actors),
+        config,
+        overrides,
+        address,
+        restart,
+        verbose,
     )
 
 

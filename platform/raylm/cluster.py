@@ -46,6 +46,8 @@ class ResourcePlan:
     trial_cpus_per_worker: int
     """CPUs per worker inside a sweep, where concurrent trials share the machine rather than each taking all of it."""
     concurrent_trials: int
+    tokenize_actors: int
+    """Ray Data actors tokenizing in prepare, one thread each."""
     cluster_cpus: int | None
     """Logical CPUs to start an embedded cluster with; None when connecting to an existing cluster."""
 
@@ -67,6 +69,7 @@ def plan_resources(cfg: Config, embedded: bool, cluster_cpus: float | None = Non
         cpus_per_worker=cpus,
         trial_cpus_per_worker=trial_cpus,
         concurrent_trials=trials,
+        tokenize_actors=cores if embedded else max(1, int((cluster_cpus or cores) - 1)),
         cluster_cpus=needed + INGEST_CPUS if embedded else None,
     )
 

@@ -22,7 +22,7 @@ from raylm.tune import run_tune
 def run_pipeline(
     cfg: Config, plan: ResourcePlan, restart: bool = False, ask: str | None = None, max_tokens: int = 48
 ) -> dict[str, Any]:
-    stages: dict[str, Any] = {"prepare": run_prepare(cfg, restart)}
+    stages: dict[str, Any] = {"prepare": run_prepare(cfg, restart, plan.tokenize_actors)}
     if cfg.tune.enabled:
         stages["tune"] = run_tune(cfg, plan, restart)
     else:

@@ -68,7 +68,22 @@ class TokenizePack:
     """Ray Data callable class: the tokenizer is loaded once per actor, then each batch of document rows becomes
     full blocks plus, per split, one tail row carrying the leftover tokens and the batch's counts."""
 
-    def __init__(self, tokenizer_file: str, eos_id: int, seq_len: int, seed: int, val_fraction: float, bos_id=None):
+    def __init__(
+        self,
+        tokenizer_file: str,
+        eos_id: int,
+        seq_len: int,
+        seed: int,
+        val_fraction: float,
+        bos_id: int | None = None,
+        threads: int | None = None,
+    ):
+        import os
+
+        if threads:
+            # The tokenizer's thread pool is sized on first use: actors x threads should match the cores, not
+            # every actor taking all of them.
+            os.environ["RAYON_NUM_THREADS"] = str(threads)
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(tokenizer_file)

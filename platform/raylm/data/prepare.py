@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from raylm.cluster import local_cores
 from raylm.config import Config, fingerprint
 from raylm.data.pack import COUNTS, SPLITS, BlockCarry, TokenizePack
 from raylm.data.shards import MANIFEST, ShardWriter, read_manifest, token_dtype
@@ -29,6 +30,9 @@ from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_sour
 from raylm.progress import progress, say
 from raylm.runs import claim_stage, stage_config, write_json
 
+BATCH_TEXT_BYTES = 256 << 10
+"""Text per tokenize call: small enough that work streams and spreads over actors, large enough to amortize a
+call. Ray Data batches count rows, so the row count is derived from the corpus' average document size."""
 DOCS_PER_BATCH = 256
 
 
@@ -38,10 +42,13 @@ def source_fingerprint(cfg: Config, files: list[str]) -> dict[str, Any]:
     return {**source, "tokenizer": tokenizer_source_hash(cfg.data.tokenizer)}
 
 
-def run_prepare(cfg: Config, restart: bool = False) -> dict[str, Any]:
-    """Prepare shards for `cfg` (reusing them when config and inputs are unchanged). Returns the summary."""
+def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None = None) -> dict[str, Any]:
+    """Prepare shards for `cfg` (reusing them when config and inputs are unchanged). Returns the summary.
+
+    `tokenize_actors` (default: this machine's cores) actors tokenize with one thread each: measured on 2 cores,
+    one single-threaded actor per core beat fewer actors with more threads, and more actors than cores."""
     data_dir, reusable = claim_stage(cfg, "prepare", restart)
-    files = [] if cfg.data.format == "hf" else list_input_files(cfg.data)
+    files = [] if cfg.data.format == "hf" else list_input_files(cfg.data, outputs=cfg.run.dir)
     source = source_fingerprint(cfg, files)
     if reusable:
         manifest = read_manifest(data_dir)
@@ -55,7 +62,9 @@ def run_prepare(cfg: Config, restart: bool = False) -> dict[str, Any]:
     say(f"prepare: {_describe_source(cfg, files)} -> {data_dir}")
     with _ordered_execution():
         tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), data_dir / "tokenizer")
-        counts = _tokenize_and_write(cfg, docs, data_dir, tokenizer)
+        counts = _tokenize_and_write(
+            cfg, docs, data_dir, tokenizer, _docs_per_batch(cfg, files), tokenize_actors or local_cores()
+        )
     manifest = {
         "format": "raylm.shards/1",
         "config_hash": fingerprint(stage_config(cfg, "prepare")),
@@ -101,13 +110,22 @@ def _ordered_execution() -> Iterator[None]:
         options.preserve_order = saved
 
 
+def _docs_per_batch(cfg: Config, files: list[str]) -> int:
+    if cfg.data.format == "text" and cfg.data.text_unit == "file" and files:
+        average = sum(Path(f).stat().st_size for f in files) / len(files)
+    else:
+        average = 200  # a line of text or a JSON record, roughly
+    return int(min(8192, max(1, BATCH_TEXT_BYTES // max(average, 1))))
+
+
 def _text_batches(docs) -> Iterator[list[str | None]]:
     for batch in docs.iter_batches(batch_size=DOCS_PER_BATCH, batch_format="pyarrow"):
         yield batch.column("text").to_pylist()
 
 
-def _tokenize_and_write(cfg: Config, docs, data_dir: Path, tokenizer) -> dict[str, Any]:
-    import ray
+def _tokenize_and_write(
+    cfg: Config, docs, data_dir: Path, tokenizer, docs_per_batch: int, actors: int
+) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     block_len = cfg.data.seq_len + 1
@@ -117,7 +135,6 @@ def _tokenize_and_write(cfg: Config, docs, data_dir: Path, tokenizer) -> dict[st
     writers = {s: ShardWriter(data_dir / s, block_len, dtype, cfg.data.rows_per_shard) for s in SPLITS}
     carries = {s: BlockCarry(block_len) for s in SPLITS}
     totals = {s: dict.fromkeys(COUNTS, 0) for s in SPLITS}
-    actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     packed = docs.map_batches(
         TokenizePack,
         fn_constructor_kwargs={
@@ -127,10 +144,11 @@ def _tokenize_and_write(cfg: Config, docs, data_dir: Path, tokenizer) -> dict[st
             "seq_len": cfg.data.seq_len,
             "seed": cfg.data.seed,
             "val_fraction": cfg.data.val_fraction,
+            "threads": 1,
         },
-        batch_size=DOCS_PER_BATCH,
+        batch_size=docs_per_batch,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        compute=ActorPoolStrategy(min_size=actors, max_size=actors),
     )
     started = time.monotonic()
     with progress("tokenize + pack") as update:

@@ -82,12 +82,36 @@ def read_split_blocks(data_dir: Path, split: str) -> np.ndarray:
     return column.flatten().to_numpy().reshape(-1, manifest["block_len"])
 
 
-def read_split(data_dir: Path, split: str):
-    """A Ray Dataset of one split's blocks, in shard order."""
+def read_split(data_dir: Path, split: str, seed: int | None = None):
+    """A Ray Dataset of one split's blocks: in shard order, or with a seed, in a seeded shard order."""
     import ray.data
 
     manifest = read_manifest(data_dir)
     files = shard_files(data_dir, manifest, split)
     if not files:
         raise ValueError(f"the {split} split in {data_dir} has no blocks: use a larger corpus or a smaller seq_len")
+    if seed is not None:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     return ray.data.read_parquet(files, columns=[TOKEN_COLUMN])
+
+
+IN_MEMORY_BYTES = 256 << 20
+"""A training split up to this size is read once and kept in Ray's object store for all its epochs."""
+
+
+def read_epochs(data_dir: Path, split: str, epochs: int, seed: int):
+    """`epochs` passes over a split as one stream, each in its own seeded order.
+
+    One stream rather than one `iter_torch_batches` per epoch: Ray Data restarts a dataset's execution (and the
+    streaming split across workers) for every new iteration, which stalled training for seconds at each epoch.
+    A split that fits `IN_MEMORY_BYTES` is read once (re-reading small shards cost seconds per pass on 2 cores);
+    a larger one streams from its files, shuffled by file on the driver rather than with `randomize_block_order`,
+    which would have to read a whole pass before handing out its first block."""
+    manifest = read_manifest(data_dir)
+    size = sum(Path(f).stat().st_size for f in shard_files(data_dir, manifest, split))
+    if size <= IN_MEMORY_BYTES:
+        cached = read_split(data_dir, split).materialize()
+        passes = [cached.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
+    else:
+        passes = [read_split(data_dir, split, seed=seed + epoch) for epoch in range(epochs)]
+    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]

@@ -40,14 +40,20 @@ def stdlib_sources(max_bytes: int | None) -> list[str]:
     Tests and site-packages are left out; files are taken in path order until `max_bytes`."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    files = sorted(str(path) for path in root.rglob("*.py") if not skip.intersection(path.relative_to(root).parts))
+    files = sorted(
+        str(path)
+        for path in root.rglob("*.py")
+        if not skip.intersection(path.relative_to(root).parts) and path.stat().st_size > 0
+    )
     if not files:
         raise DataError(f"no standard-library sources found under {root}")
     return _cap(files, max_bytes)
 
 
-def list_input_files(data: DataSection) -> list[str]:
-    """Expand `data.paths` (files, directories, globs) into a sorted list of files, capped at `data.max_bytes`."""
+def list_input_files(data: DataSection, outputs: str | None = None) -> list[str]:
+    """Expand `data.paths` (files, directories, globs) into a sorted list of files, capped at `data.max_bytes`.
+    Files under `outputs` (the run directory) are left out: a corpus directory holding `run.dir` must not read
+    its own shards back in."""
     if data.source == "stdlib":
         return stdlib_sources(data.max_bytes)
     found: list[str] = []
@@ -64,6 +70,10 @@ def list_input_files(data: DataSection) -> list[str]:
             raise DataError(f"data.paths: nothing matches {pattern!r}")
         found += files
     unique = list(dict.fromkeys(os.path.abspath(f) for f in found))
+    if outputs and "://" not in outputs:
+        unique = [f for f in unique if not Path(f).is_relative_to(outputs)]
+        if not unique:
+            raise DataError(f"data.paths: every file matched is inside run.dir ({outputs})")
     empty = [f for f in unique if os.path.getsize(f) == 0]
     if empty:
         raise DataError(f"empty input file: {empty[0]}")

@@ -51,18 +51,14 @@ SHUFFLE_BUFFER_ROWS = 2048
 """Shards hold blocks in document order; a shuffle buffer mixes documents within each optimizer step."""
 
 
-def _train_batches(shard, micro_batch: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Micro batches, epoch after epoch (every worker's shard has the same number of rows: `equal=True`)."""
-    epoch = 0
-    while True:
-        for batch in shard.iter_torch_batches(
-            batch_size=micro_batch,
-            drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=seed + epoch,
-        ):
-            yield _blocks(batch, device)
-        epoch += 1
+def train_batches(shard, micro_batch: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Micro batches from the worker's share of the stream (which holds as many epochs as training needs; every
+    worker's share has the same number of rows: `equal=True`)."""
+    for batch in shard.iter_torch_batches(
+        batch_size=micro_batch, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=seed
+    ):
+        yield _blocks(batch, device)
+    raise RuntimeError("the training stream ended before max_steps: it holds too few epochs")
 
 
 @torch.no_grad()
@@ -112,14 +108,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw_model = getattr(model, "module", model)
     progress = _progress_actor(config.get("progress_actor"))
 
-    batches = _train_batches(ray.train.get_dataset_shard("train"), train.micro_batch, train.seed + rank, device)
+    batches = train_batches(ray.train.get_dataset_shard("train"), train.micro_batch, train.seed + rank, device)
     # The validation split is small next to the training set: every rank reads it once, keeps it in memory, and
     # evaluates its own share each time (re-streaming it through Ray Data per evaluation costs seconds each time).
     val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64"))
     tokens_per_step = train.batch_size * manifest["seq_len"]
     started = time.monotonic()
     while position["step"] < train.max_steps:
-        loss = _optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
+        loss = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
         step = position["step"]
@@ -141,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.update.remote(metrics)
 
 
-def _optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: float) -> float:
+def optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: float) -> float:
     total = 0.0
     for micro in range(accum):
         blocks = next(batches)
