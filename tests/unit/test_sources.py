@@ -64,3 +64,18 @@ def test_a_long_line_is_one_document():
     big = "word " * 1_000_000  # 5 MB in one line
     (row,) = parse(json.dumps({"text": big}).encode() + b"\n")
     assert row == (big, OK)
+
+
+def test_raylm_outputs_inside_the_corpus_directory_are_not_read(tmp_path):
+    from raylm.config import load_config
+    from raylm.data.sources import list_input_files
+    from raylm.runs import RunPaths
+
+    (tmp_path / "a.txt").write_text("hello\n")
+    cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r", f"data.paths=[{tmp_path}]"])
+    paths = RunPaths.of(cfg)
+    (paths.data / "train").mkdir(parents=True)
+    (paths.data / "manifest.json").write_text("{}")
+    (paths.registry / "m" / "1").mkdir(parents=True)
+    (paths.registry / "m" / "1" / "config.json").write_text("{}")
+    assert list_input_files(cfg.data, outputs=(paths.root, paths.registry)) == [str(tmp_path / "a.txt")]

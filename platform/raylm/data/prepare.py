@@ -28,7 +28,7 @@ from raylm.data.shards import MANIFEST, ShardWriter, read_manifest, token_dtype
 from raylm.data.sources import DataError, fingerprint_files, fingerprint_hf, list_input_files, read_documents
 from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_source_hash
 from raylm.progress import progress, say
-from raylm.runs import claim_stage, stage_config, write_json
+from raylm.runs import RunPaths, claim_stage, stage_config, write_json
 
 BATCH_TEXT_BYTES = 256 << 10
 """Text per tokenize call: small enough that work streams and spreads over actors, large enough to amortize a
@@ -48,7 +48,8 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
     `tokenize_actors` (default: this machine's cores) actors tokenize with one thread each: measured on 2 cores,
     one single-threaded actor per core beat fewer actors with more threads, and more actors than cores."""
     data_dir, reusable = claim_stage(cfg, "prepare", restart)
-    files = [] if cfg.data.format == "hf" else list_input_files(cfg.data, outputs=cfg.run.dir)
+    paths = RunPaths.of(cfg)
+    files = [] if cfg.data.format == "hf" else list_input_files(cfg.data, outputs=(paths.root, paths.registry))
     source = source_fingerprint(cfg, files)
     if reusable:
         manifest = read_manifest(data_dir)

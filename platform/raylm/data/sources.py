@@ -50,10 +50,10 @@ def stdlib_sources(max_bytes: int | None) -> list[str]:
     return _cap(files, max_bytes)
 
 
-def list_input_files(data: DataSection, outputs: str | None = None) -> list[str]:
+def list_input_files(data: DataSection, outputs: tuple[Path, ...] = ()) -> list[str]:
     """Expand `data.paths` (files, directories, globs) into a sorted list of files, capped at `data.max_bytes`.
-    Files under `outputs` (the run directory) are left out: a corpus directory holding `run.dir` must not read
-    its own shards back in."""
+    Files under `outputs` (the run's own directory, the registry) are left out: a corpus directory that holds
+    `run.dir` must not read its own shards back in."""
     if data.source == "stdlib":
         return stdlib_sources(data.max_bytes)
     found: list[str] = []
@@ -70,10 +70,9 @@ def list_input_files(data: DataSection, outputs: str | None = None) -> list[str]
             raise DataError(f"data.paths: nothing matches {pattern!r}")
         found += files
     unique = list(dict.fromkeys(os.path.abspath(f) for f in found))
-    if outputs and "://" not in outputs:
-        unique = [f for f in unique if not Path(f).is_relative_to(outputs)]
-        if not unique:
-            raise DataError(f"data.paths: every file matched is inside run.dir ({outputs})")
+    unique = [f for f in unique if not any(Path(f).is_relative_to(out) for out in outputs)]
+    if not unique:
+        raise DataError(f"data.paths: every file matched is one of raylm's own outputs ({outputs[0]})")
     empty = [f for f in unique if os.path.getsize(f) == 0]
     if empty:
         raise DataError(f"empty input file: {empty[0]}")
