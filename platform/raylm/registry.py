@@ -1,25 +1,28 @@
-"""The model registry: `<run.dir>/registry/<name>/<version>/`, each version a plain Hugging Face model directory
-(safetensors + tokenizer) with a `manifest.json` that records where it came from (config, data manifest hash,
-trial, metrics, git commit). Versions are increasing integers; `name:latest` is the highest one.
+"""The model registry: `<run.dir>/registry/<name>/<version>/` on any pyarrow filesystem, each version a plain
+Hugging Face model directory (safetensors + tokenizer) with a `manifest.json` that records where it came from
+(config, data manifest hash, trial, metrics, git commit). Versions are increasing integers; `name:latest` is the
+highest one.
 
-A version is copied into a temporary directory and renamed into place, so it is complete or absent. Registering
-the same checkpoint again returns the existing version instead of adding a copy.
+A version is copied into a staging directory and moved into place, with its manifest written last, so a version
+directory without a manifest is ignored. Registering the same checkpoint again returns the existing version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from raylm.config import Config
 from raylm.runs import RunPaths, read_json, write_json
+from raylm.storage import Location
 from raylm.train.checkpoint import CHECKPOINT_MANIFEST, TRAIN_STATE, checkpoint_problem
 
 MANIFEST = "manifest.json"
@@ -35,7 +38,7 @@ class RegistryError(ValueError):
 class ModelVersion:
     name: str
     version: int
-    path: Path
+    path: Location
     manifest: dict[str, Any]
 
     @property
@@ -43,24 +46,25 @@ class ModelVersion:
         return f"{self.name}:{self.version}"
 
 
-def _versions(registry: Path, name: str) -> list[int]:
-    directory = registry / name
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+def _versions(registry: Location, name: str) -> list[int]:
+    return sorted(int(p.name) for p in (registry / name).iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
 
-def weights_hash(model_dir: Path) -> str:
+def weights_hash(model_dir: Location) -> str:
     digest = hashlib.sha256()
-    with open(model_dir / "model.safetensors", "rb") as weights:
-        for chunk in iter(lambda: weights.read(1 << 20), b""):
+    weights = model_dir / "model.safetensors"
+    with weights.fs.open_input_stream(weights.path) as stream:
+        while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def register(registry: Path, name: str, checkpoint: Path, lineage: dict[str, Any]) -> tuple[ModelVersion, bool]:
+def register(
+    registry: Location | Path | str, name: str, checkpoint: Location | Path | str, lineage: dict[str, Any]
+) -> tuple[ModelVersion, bool]:
     """Copy a complete checkpoint into the registry as the next version of `name`.
     Returns the version and whether it is new (False: this checkpoint was registered before)."""
+    registry, checkpoint = Location.parse(registry), Location.parse(checkpoint)
     problem = checkpoint_problem(checkpoint)
     if problem:
         raise RegistryError(f"refusing to register an incomplete checkpoint: {problem}")
@@ -69,13 +73,16 @@ def register(registry: Path, name: str, checkpoint: Path, lineage: dict[str, Any
         existing = resolve(registry, f"{name}:{version}")
         if existing.manifest.get("weights_sha256") == digest:
             return existing, False
-    (registry / name).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry / name))
+    staging = registry / name / f".staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    target = None
     try:
         for item in checkpoint.iterdir():
             if item.is_file() and item.name not in SKIPPED_FILES:
-                shutil.copy2(item, staging / item.name)
+                pafs.copy_files(item.path, (staging / item.name).path, checkpoint.fs, staging.fs)
         version = (_versions(registry, name) or [0])[-1] + 1
+        target = registry / name / str(version)
+        staging.move(target)
         manifest = {
             "name": name,
             "version": version,
@@ -85,16 +92,18 @@ def register(registry: Path, name: str, checkpoint: Path, lineage: dict[str, Any
             "git_commit": git_commit(),
             **lineage,
         }
-        write_json(staging / MANIFEST, manifest)
-        staging.rename(registry / name / str(version))
+        write_json(target / MANIFEST, manifest)  # last: until it exists, the version does not
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.rmtree()
+        if target is not None and not (target / MANIFEST).is_file():
+            target.rmtree()
         raise
-    return ModelVersion(name, version, registry / name / str(version), manifest), True
+    return ModelVersion(name, version, target, manifest), True
 
 
-def resolve(registry: Path, ref: str) -> ModelVersion:
+def resolve(registry: Location | Path | str, ref: str) -> ModelVersion:
     """`name`, `name:latest` or `name:<version>` -> the registered version."""
+    registry = Location.parse(registry)
     name, _, tag = ref.partition(":")
     versions = _versions(registry, name)
     if not versions:
@@ -110,10 +119,9 @@ def resolve(registry: Path, ref: str) -> ModelVersion:
     return ModelVersion(name, version, path, read_json(path / MANIFEST))
 
 
-def list_models(registry: Path) -> dict[str, list[int]]:
-    if not registry.is_dir():
-        return {}
-    found = {p.name: _versions(registry, p.name) for p in sorted(registry.iterdir()) if p.is_dir()}
+def list_models(registry: Location | Path | str) -> dict[str, list[int]]:
+    registry = Location.parse(registry)
+    found = {p.name: _versions(registry, p.name) for p in registry.iterdir() if p.is_dir()}
     return {name: versions for name, versions in found.items() if versions}
 
 
@@ -132,7 +140,7 @@ def run_register(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
         "trial_config": details.get("best_config"),
         "config": cfg.model_dump(mode="json"),
     }
-    version, created = register(paths.registry, cfg.model_name, Path(details["checkpoint"]), lineage)
+    version, created = register(paths.registry, cfg.model_name, details["checkpoint"], lineage)
     return {
         "stage": "register",
         "model": version.ref,

@@ -13,12 +13,12 @@ results become unexplainable.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raylm.config import Config, fingerprint
+from raylm.storage import Location
 
 STAGE_FILE = "stage.json"
 
@@ -29,24 +29,26 @@ class StageConflict(RuntimeError):
 
 @dataclass(frozen=True)
 class RunPaths:
-    root: Path
-    registry: Path
+    """A run's locations (on any pyarrow filesystem: `run.dir` may be a local path or a URI such as s3://...)."""
+
+    root: Location
+    registry: Location
 
     @classmethod
     def of(cls, cfg: Config) -> RunPaths:
-        base = Path(cfg.run.dir).expanduser().resolve()
+        base = Location.parse(cfg.run.dir)
         return cls(root=base / cfg.run.name, registry=base / "registry")
 
     @property
-    def data(self) -> Path:
+    def data(self) -> Location:
         return self.root / "data"
 
     @property
-    def train(self) -> Path:
+    def train(self) -> Location:
         return self.root / "train"
 
     @property
-    def tune(self) -> Path:
+    def tune(self) -> Location:
         return self.root / "tune"
 
 
@@ -68,16 +70,16 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Path, bool, str | None]:
+def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool, str | None]:
     """(directory, whether it holds reusable results for this config, the conflict message if any)."""
     attribute, outputs = STAGES[stage]
     directory = getattr(RunPaths.of(cfg), attribute)
-    produced = directory.is_dir() and any(next(directory.glob(pattern), None) for pattern in outputs)
+    produced = any(directory.glob(pattern) for pattern in outputs)
     marker = directory / STAGE_FILE
     if restart or not produced or not marker.is_file():
         return directory, False, None
     wanted = stage_config(cfg, stage)
-    recorded = json.loads(marker.read_text())
+    recorded = read_json(marker)
     if recorded.get("hash") == fingerprint(wanted):
         return directory, True, None
     changes = ", ".join(_differences(recorded.get("config", {}), wanted)) or "config format"
@@ -99,7 +101,7 @@ def check_stages(cfg: Config, stages: tuple[str, ...], restart: bool) -> None:
             raise StageConflict(conflict)
 
 
-def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Path, bool]:
+def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool]:
     """Make the stage's directory this config's. Returns it and whether earlier results there can be reused.
 
     A directory without durable results (an attempt that failed early) is cleared and taken over."""
@@ -107,8 +109,8 @@ def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Path, bool]:
     if conflict:
         raise StageConflict(conflict)
     if not reusable:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
+        directory.rmtree()
+        directory.mkdir()
         wanted = stage_config(cfg, stage)
         write_json(directory / STAGE_FILE, {"stage": stage, "hash": fingerprint(wanted), "config": wanted})
     return directory, reusable
@@ -123,13 +125,10 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def write_json(path: Path, value: Any) -> None:
+def write_json(path: Location | Path, value: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    tmp.replace(path)
+    Location.parse(path).write_text(json.dumps(value, indent=2, default=str))
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def read_json(path: Location | Path) -> Any:
+    return json.loads(Location.parse(path).read_text())

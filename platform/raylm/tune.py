@@ -21,6 +21,7 @@ from raylm.config import Config, validate_config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, claim_stage, read_json, write_json
+from raylm.storage import Location
 from raylm.train.trainer import build_trainer
 
 BEST_FILE = "best.json"
@@ -61,7 +62,9 @@ def train_driver_per_trial(params: dict[str, Any], base: dict[str, Any], data_di
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     storage = RunPaths.of(cfg).tune / "trials"
-    trainer = build_trainer(cfg, Path(data_dir), storage, trial_id, cpus_per_worker, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        cfg, Location.parse(data_dir), storage, trial_id, cpus_per_worker, callbacks=[TuneReportCallback()]
+    )
     trainer.fit()
 
 
@@ -135,7 +138,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
             grid = build_tuner(cfg, plan, restore, callbacks=[SweepProgress()]).fit()
         finally:
             SweepProgress.active = None
-    summary = summarize(grid, list(cfg.tune.space), started)
+    summary = summarize(grid, list(cfg.tune.space), started, paths.root)
     write_json(paths.tune / BEST_FILE, summary)
     return summary
 
@@ -145,7 +148,7 @@ def _expected_trials(cfg: Config) -> int:
     return cfg.tune.num_samples * math.prod(grids)
 
 
-def summarize(grid, params: list[str], started: float) -> dict[str, Any]:
+def summarize(grid, params: list[str], started: float, storage: Location) -> dict[str, Any]:
     trials = []
     for result in grid:
         metrics = result.metrics or {}
@@ -156,7 +159,10 @@ def summarize(grid, params: list[str], started: float) -> dict[str, Any]:
                 "steps": metrics.get("step"),
                 "val_loss": metrics.get("val_loss"),
                 "val_ppl": metrics.get("val_ppl"),
-                "checkpoint": metrics.get("checkpoint_path"),
+                # Ray reports the path inside the storage filesystem; as a URI it names the filesystem too.
+                "checkpoint": str(Location(storage.fs, metrics["checkpoint_path"]))
+                if metrics.get("checkpoint_path")
+                else None,
                 "status": "error" if result.error else "ok",
             }
         )

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.timeout(420)
 
 @pytest.mark.slow
 def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, tmp_path):
-    cfg = load_config(None, [*tiny_overrides(tmp_path, name="pipe"), "tune.enabled=false", f"serve.port={serve_port}"])
+    # run.dir as a URI: every artifact goes through pyarrow filesystems, as it would on s3:// or gs://.
+    overrides = [*tiny_overrides(tmp_path, name="pipe"), f"run.dir=file://{tmp_path}/runs", "tune.enabled=false"]
+    cfg = load_config(None, [*overrides, f"serve.port={serve_port}"])
+    assert cfg.run.dir.startswith("file://")
     summary = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=5)
 
     assert [key for key in summary if key != "stage"] == ["prepare", "train", "register", "serve", "completion"]
@@ -26,6 +29,8 @@ def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, t
     version = resolve(RunPaths.of(cfg).registry, "pipe:latest")
     assert version.manifest["source"] == "train"
     assert version.manifest["metrics"]["val_loss"] == summary["train"]["val_loss"]
+    assert (tmp_path / "runs" / "registry" / "pipe" / "1" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "pipe" / "data" / "manifest.json").is_file()
 
     # The same command again reuses every stage: no new version, nothing retrained.
     again = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=5)

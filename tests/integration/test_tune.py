@@ -35,7 +35,7 @@ def test_sweep_picks_the_best_trial_and_registers_it(prepared):
     best = next(t for t in summary["trials"] if t["trial_id"] == summary["best_trial"])
     assert best["steps"] == cfg.train.max_steps
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
-    assert Path(summary["checkpoint"]).is_relative_to(RunPaths.of(cfg).tune / "trials")
+    assert Path(summary["checkpoint"]).is_relative_to((RunPaths.of(cfg).tune / "trials").local)
 
     registered = run_register(cfg)
     assert registered["source"] == "tune" and registered["version"] == 1

@@ -31,7 +31,7 @@ def test_tokenize_pack_counts_every_token(tmp_path):
     tokenizer.save_pretrained(str(tmp_path))
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     splits = {t: split_of(t, seed=0, val_fraction=0.5) for t in texts if t is not None}
-    packer = TokenizePack(str(tmp_path / "tokenizer.json"), eos_id=eos, seq_len=3, seed=0, val_fraction=0.5)
+    packer = TokenizePack((tmp_path / "tokenizer.json").read_text(), eos_id=eos, seq_len=3, seed=0, val_fraction=0.5)
     batch = pa.table({"text": pa.array(texts, pa.large_string()), "status": pa.array([OK] * 5 + [BAD], pa.int8())})
     out = packer(batch).to_pydict()
 

@@ -70,3 +70,17 @@ def test_incomplete_checkpoints_are_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     assert "bytes, the manifest says" in checkpoint_problem(truncated)
     assert not (tmp_path / "registry" / "lm").exists() or list_models(tmp_path / "registry") == {}
+
+
+def test_a_registry_on_another_filesystem(tmp_path):
+    import pyarrow.fs as pafs
+
+    from raylm.storage import Location
+
+    registry = Location(pafs._MockFileSystem(), "bucket/registry")
+    version, new = register(registry, "lm", make_checkpoint(tmp_path / "c", seed=0), {"metrics": {"val_loss": 1.0}})
+    assert new and str(version.path) == "mock://bucket/registry/lm/1"
+    assert resolve(registry, "lm:latest").manifest["metrics"] == {"val_loss": 1.0}
+    assert register(registry, "lm", tmp_path / "c", {})[1] is False
+    local = version.path.download(tmp_path / "served")
+    assert load_pretrained(str(local)).config.n_layer == 2

@@ -74,8 +74,7 @@ def test_raylm_outputs_inside_the_corpus_directory_are_not_read(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n")
     cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r", f"data.paths=[{tmp_path}]"])
     paths = RunPaths.of(cfg)
-    (paths.data / "train").mkdir(parents=True)
+    (paths.data / "train").mkdir()
     (paths.data / "manifest.json").write_text("{}")
-    (paths.registry / "m" / "1").mkdir(parents=True)
     (paths.registry / "m" / "1" / "config.json").write_text("{}")
     assert list_input_files(cfg.data, outputs=(paths.root, paths.registry)) == [str(tmp_path / "a.txt")]

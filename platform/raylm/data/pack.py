@@ -70,7 +70,7 @@ class TokenizePack:
 
     def __init__(
         self,
-        tokenizer_file: str,
+        tokenizer_json: str,
         eos_id: int,
         seq_len: int,
         seed: int,
@@ -86,7 +86,7 @@ class TokenizePack:
             os.environ["RAYON_NUM_THREADS"] = str(threads)
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.eos_id = eos_id
         self.bos = [bos_id] if bos_id is not None else []
         self.block_len = seq_len + 1

@@ -12,7 +12,7 @@ tokenizer): "cache hit". Changed inputs rebuild them; a changed config is the ru
 from __future__ import annotations
 
 import contextlib
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -29,6 +29,7 @@ from raylm.data.sources import DataError, fingerprint_files, fingerprint_hf, lis
 from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_source_hash
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, claim_stage, stage_config, write_json
+from raylm.storage import Location
 
 BATCH_TEXT_BYTES = 256 << 10
 """Text per tokenize call: small enough that work streams and spreads over actors, large enough to amortize a
@@ -61,11 +62,14 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
     started = time.monotonic()
     docs = read_documents(cfg.data, files)
     say(f"prepare: {_describe_source(cfg, files)} -> {data_dir}")
-    with _ordered_execution():
-        tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), data_dir / "tokenizer")
-        counts = _tokenize_and_write(
-            cfg, docs, data_dir, tokenizer, _docs_per_batch(cfg, files), tokenize_actors or local_cores()
-        )
+    with _ordered_execution(), tempfile.TemporaryDirectory(prefix="raylm-tokenizer-") as local:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), Path(local))
+        (data_dir / "tokenizer").upload(Path(local))
+        tokenizer_json = (Path(local) / "tokenizer.json").read_text()
+        tokenizer_digest = tokenizer_hash(Path(local))
+        batch = _docs_per_batch(cfg, files)
+        actors = tokenize_actors or local_cores()
+        counts = _tokenize_and_write(cfg, docs, data_dir, tokenizer, tokenizer_json, batch, actors)
     manifest = {
         "format": "raylm.shards/1",
         "config_hash": fingerprint(stage_config(cfg, "prepare")),
@@ -74,7 +78,7 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
         "tokenizer": {
             "dir": "tokenizer",
             "source": cfg.data.tokenizer.path or "trained",
-            "hash": tokenizer_hash(data_dir / "tokenizer"),
+            "hash": tokenizer_digest,
             "vocab_size": len(tokenizer),
             "eos_id": tokenizer.eos_token_id,
             "bos_id": tokenizer.bos_token_id,
@@ -125,13 +129,13 @@ def _text_batches(docs) -> Iterator[list[str | None]]:
 
 
 def _tokenize_and_write(
-    cfg: Config, docs, data_dir: Path, tokenizer, docs_per_batch: int, actors: int
+    cfg: Config, docs, data_dir: Location, tokenizer, tokenizer_json: str, docs_per_batch: int, actors: int
 ) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     block_len = cfg.data.seq_len + 1
     for split in SPLITS:
-        shutil.rmtree(data_dir / split, ignore_errors=True)
+        (data_dir / split).rmtree()
     dtype = token_dtype(len(tokenizer))
     writers = {s: ShardWriter(data_dir / s, block_len, dtype, cfg.data.rows_per_shard) for s in SPLITS}
     carries = {s: BlockCarry(block_len) for s in SPLITS}
@@ -139,7 +143,8 @@ def _tokenize_and_write(
     packed = docs.map_batches(
         TokenizePack,
         fn_constructor_kwargs={
-            "tokenizer_file": str(data_dir / "tokenizer" / "tokenizer.json"),
+            # The tokenizer itself, not a path: actors may run on nodes that cannot see the driver's disk.
+            "tokenizer_json": tokenizer_json,
             "eos_id": tokenizer.eos_token_id,
             "bos_id": tokenizer.bos_token_id if cfg.data.add_bos else None,
             "seq_len": cfg.data.seq_len,
@@ -216,7 +221,7 @@ def _consume(batch, writers, carries, totals) -> None:
             totals[split][name] += int(pc.sum(part[name]).as_py() or 0)
 
 
-def summarize(data_dir: Path, manifest: dict[str, Any], cache: str) -> dict[str, Any]:
+def summarize(data_dir: Location, manifest: dict[str, Any], cache: str) -> dict[str, Any]:
     return {
         "stage": "prepare",
         "cache": cache,

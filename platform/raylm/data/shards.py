@@ -1,5 +1,6 @@
 """Tokenized shards: Parquet files with one fixed-width `input_ids` column, one directory per split, and
-`manifest.json` (written last: shards without a manifest are an unfinished prepare and are never read).
+`manifest.json` (written last: shards without a manifest are an unfinished prepare and are never read). The data
+directory may be on any pyarrow filesystem (`raylm.storage.Location`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylm.runs import read_json
+from raylm.storage import Location
 
 MANIFEST = "manifest.json"
 TOKEN_COLUMN = "input_ids"
@@ -24,7 +26,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Buffers blocks and writes `part-00000.parquet`, `part-00001.parquet`, ... of `rows_per_shard` rows."""
 
-    def __init__(self, directory: Path, block_len: int, dtype: np.dtype, rows_per_shard: int):
+    def __init__(self, directory: Location, block_len: int, dtype: np.dtype, rows_per_shard: int):
         self.directory = directory
         self.block_len = block_len
         self.dtype = dtype
@@ -32,7 +34,7 @@ class ShardWriter:
         self.buffered: list[np.ndarray] = []
         self.buffered_rows = 0
         self.shards: list[dict[str, Any]] = []
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir()
 
     @property
     def rows(self) -> int:
@@ -57,32 +59,35 @@ class ShardWriter:
         self.buffered_rows = len(rest)
         name = f"part-{len(self.shards):05d}.parquet"
         column = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), self.block_len)
-        pq.write_table(pa.table({TOKEN_COLUMN: column}), self.directory / name)
+        target = self.directory / name
+        pq.write_table(pa.table({TOKEN_COLUMN: column}), target.path, filesystem=target.fs)
         self.shards.append({"file": name, "rows": int(rows)})
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / MANIFEST
+def read_manifest(data_dir: Location | Path | str) -> dict[str, Any]:
+    path = Location.parse(data_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no tokenized shards in {data_dir} (missing {MANIFEST}): run `raylm prepare` first")
     return read_json(path)
 
 
-def shard_files(data_dir: Path, manifest: dict[str, Any], split: str) -> list[str]:
-    return [str(data_dir / split / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+def shard_files(data_dir: Location | Path | str, manifest: dict[str, Any], split: str) -> list[Location]:
+    directory = Location.parse(data_dir) / split
+    return [directory / shard["file"] for shard in manifest["splits"][split]["shards"]]
 
 
-def read_split_blocks(data_dir: Path, split: str) -> np.ndarray:
+def read_split_blocks(data_dir: Location | Path | str, split: str) -> np.ndarray:
     """All of one split's blocks as a (rows, block_len) array, read directly (for the small validation split)."""
     manifest = read_manifest(data_dir)
     files = shard_files(data_dir, manifest, split)
     if not files:
         return np.empty((0, manifest["block_len"]), dtype=manifest["dtype"])
-    column = pq.read_table(files, columns=[TOKEN_COLUMN]).column(TOKEN_COLUMN).combine_chunks()
+    table = pq.read_table([f.path for f in files], columns=[TOKEN_COLUMN], filesystem=files[0].fs)
+    column = table.column(TOKEN_COLUMN).combine_chunks()
     return column.flatten().to_numpy().reshape(-1, manifest["block_len"])
 
 
-def read_split(data_dir: Path, split: str, seed: int | None = None):
+def read_split(data_dir: Location | Path | str, split: str, seed: int | None = None):
     """A Ray Dataset of one split's blocks: in shard order, or with a seed, in a seeded shard order."""
     import ray.data
 
@@ -92,14 +97,14 @@ def read_split(data_dir: Path, split: str, seed: int | None = None):
         raise ValueError(f"the {split} split in {data_dir} has no blocks: use a larger corpus or a smaller seq_len")
     if seed is not None:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-    return ray.data.read_parquet(files, columns=[TOKEN_COLUMN])
+    return ray.data.read_parquet([f.path for f in files], columns=[TOKEN_COLUMN], filesystem=files[0].fs)
 
 
 IN_MEMORY_BYTES = 256 << 20
 """A training split up to this size is read once and kept in Ray's object store for all its epochs."""
 
 
-def read_epochs(data_dir: Path, split: str, epochs: int, seed: int):
+def read_epochs(data_dir: Location | Path | str, split: str, epochs: int, seed: int):
     """`epochs` passes over a split as one stream, each in its own seeded order.
 
     One stream rather than one `iter_torch_batches` per epoch: Ray Data restarts a dataset's execution (and the
@@ -108,7 +113,7 @@ def read_epochs(data_dir: Path, split: str, epochs: int, seed: int):
     a larger one streams from its files, shuffled by file on the driver rather than with `randomize_block_order`,
     which would have to read a whole pass before handing out its first block."""
     manifest = read_manifest(data_dir)
-    size = sum(Path(f).stat().st_size for f in shard_files(data_dir, manifest, split))
+    size = sum(f.size() for f in shard_files(data_dir, manifest, split))
     if size <= IN_MEMORY_BYTES:
         cached = read_split(data_dir, split).materialize()
         passes = [cached.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from raylm.config import DataSection
+from raylm.storage import Location
 
 OK, BAD, REPLACED = 0, 1, 2
 CHUNK_BYTES = 4 << 20
@@ -50,7 +51,7 @@ def stdlib_sources(max_bytes: int | None) -> list[str]:
     return _cap(files, max_bytes)
 
 
-def list_input_files(data: DataSection, outputs: tuple[Path, ...] = ()) -> list[str]:
+def list_input_files(data: DataSection, outputs: tuple[Location, ...] = ()) -> list[str]:
     """Expand `data.paths` (files, directories, globs) into a sorted list of files, capped at `data.max_bytes`.
     Files under `outputs` (the run's own directory, the registry) are left out: a corpus directory that holds
     `run.dir` must not read its own shards back in."""
@@ -70,7 +71,7 @@ def list_input_files(data: DataSection, outputs: tuple[Path, ...] = ()) -> list[
             raise DataError(f"data.paths: nothing matches {pattern!r}")
         found += files
     unique = list(dict.fromkeys(os.path.abspath(f) for f in found))
-    unique = [f for f in unique if not any(Path(f).is_relative_to(out) for out in outputs)]
+    unique = [f for f in unique if not any(Location.parse(f).is_relative_to(out) for out in outputs)]
     if not unique:
         raise DataError(f"data.paths: every file matched is one of raylm's own outputs ({outputs[0]})")
     empty = [f for f in unique if os.path.getsize(f) == 0]

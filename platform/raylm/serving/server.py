@@ -32,13 +32,22 @@ class ServedModel:
 
 
 def resolve_model(cfg: Config) -> ServedModel:
-    """`serve.model` as a model directory, or a registry reference (default: `<model name>:latest`)."""
+    """`serve.model` as a model directory, or a registry reference (default: `<model name>:latest`). A version in a
+    remote registry is downloaded once to a local cache (`~/.cache/raylm/models/`), keyed by its weights' hash."""
     ref = cfg.serve.model or f"{cfg.model_name}:latest"
     if Path(ref).expanduser().is_dir():
         path = Path(ref).expanduser().resolve()
         return ServedModel(path, path.name, [], None)
     found = resolve(RunPaths.of(cfg).registry, ref)
-    return ServedModel(found.path, found.name, [f"{found.name}:latest", f"{found.name}:{found.version}"], found.version)
+    aliases = [f"{found.name}:latest", f"{found.name}:{found.version}"]
+    if found.path.is_local:
+        return ServedModel(found.path.local, found.name, aliases, found.version)
+    cache = Path(os.environ.get("RAYLM_CACHE", "~/.cache/raylm")).expanduser() / "models"
+    local = cache / f"{found.name}-{found.version}-{found.manifest['weights_sha256'][:12]}"
+    if not local.is_dir():
+        partial = found.path.download(local.with_name(f".{local.name}.{os.getpid()}.partial"))
+        partial.rename(local)  # complete or absent, even if two servers start at once
+    return ServedModel(local, found.name, aliases, found.version)
 
 
 def api_key(section: ServeSection) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raylm.runs import read_json, write_json
+from raylm.storage import Location
 
 CHECKPOINT_MANIFEST = "raylm_checkpoint.json"
 TRAIN_STATE = "train_state.pt"
@@ -51,8 +52,9 @@ def save_checkpoint(
     )
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None when it is."""
+def checkpoint_problem(directory: Location | Path | str) -> str | None:
+    """Why `directory` (on any pyarrow filesystem) is not a complete checkpoint, or None when it is."""
+    directory = Location.parse(directory)
     manifest_path = directory / CHECKPOINT_MANIFEST
     if not manifest_path.is_file():
         return f"{manifest_path} is missing (the checkpoint was not finished)"
@@ -60,14 +62,14 @@ def checkpoint_problem(directory: Path) -> str | None:
         path = directory / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
+        if path.size() != size:
+            return f"{path} has {path.size()} bytes, the manifest says {size}"
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     return f"{directory} has no {missing[0]}" if missing else None
 
 
-def read_checkpoint_manifest(directory: Path) -> dict[str, Any]:
-    return read_json(directory / CHECKPOINT_MANIFEST)
+def read_checkpoint_manifest(directory: Location | Path | str) -> dict[str, Any]:
+    return read_json(Location.parse(directory) / CHECKPOINT_MANIFEST)
 
 
 def restore_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from raylm.config import Config, validate_config
 from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
+from raylm.storage import Location
 from raylm.train.checkpoint import restore_checkpoint, save_checkpoint
 
 
@@ -84,7 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: Config = validate_config(config["cfg"])
     train = cfg.train
-    data_dir = Path(config["data_dir"])
+    data_dir = Location.parse(config["data_dir"])
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -114,6 +115,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64"))
     tokens_per_step = train.batch_size * manifest["seq_len"]
     started = time.monotonic()
+    # Checkpoints carry the tokenizer; rank 0 keeps a local copy of it to add to each one.
+    tokenizer_dir = (
+        (data_dir / tokenizer["dir"]).download(Path(tempfile.mkdtemp(prefix="raylm-tok-"))) if rank == 0 else None
+    )
     while position["step"] < train.max_steps:
         loss = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
         position["step"] += 1
@@ -132,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(
                 evaluate(raw_model, val_blocks.to(device), train.micro_batch, rank, context.get_world_size())
             )
-            _report(metrics, rank, raw_model, data_dir / tokenizer["dir"], optimizer, scheduler, position)
+            _report(metrics, rank, raw_model, tokenizer_dir, optimizer, scheduler, position)
             if progress and rank == 0:
                 progress.update.remote(metrics)
 

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from raylm.cluster import ResourcePlan
@@ -20,6 +19,7 @@ from raylm.config import Config
 from raylm.data.shards import read_epochs, read_manifest
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, claim_stage, read_json, write_json
+from raylm.storage import Location
 from raylm.train.checkpoint import read_checkpoint_manifest
 from raylm.train.loop import train_loop_per_worker
 
@@ -28,8 +28,8 @@ RESULT_FILE = "result.json"
 
 def build_trainer(
     cfg: Config,
-    data_dir: Path,
-    storage_path: Path,
+    data_dir: Location,
+    storage_path: Location,
     name: str,
     cpus_per_worker: int,
     callbacks: list | None = None,
@@ -62,7 +62,7 @@ def build_trainer(
     )
 
 
-def epochs_needed(cfg: Config, data_dir: Path) -> int:
+def epochs_needed(cfg: Config, data_dir: Location) -> int:
     """Passes over the training split that `max_steps` global batches take (plus one for what the even split over
     workers and `drop_last` leave out)."""
     rows = read_manifest(data_dir)["splits"]["train"]["blocks"]
@@ -85,7 +85,7 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     with live_progress(cfg.train.max_steps) as actor_name:
         trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
         result = fit_interruptibly(trainer)
-    summary = summarize(result.checkpoint.path, started, resumed)
+    summary = summarize(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
 
@@ -110,12 +110,12 @@ def fit_interruptibly(trainer):
     return outcome["result"]
 
 
-def summarize(checkpoint_dir: str, started: float, resumed: bool = False) -> dict[str, Any]:
-    recorded = read_checkpoint_manifest(Path(checkpoint_dir))
+def summarize(checkpoint_dir: Location, started: float, resumed: bool = False) -> dict[str, Any]:
+    recorded = read_checkpoint_manifest(checkpoint_dir)
     metrics = recorded["metrics"]
     return {
         "stage": "train",
-        "checkpoint": checkpoint_dir,
+        "checkpoint": str(checkpoint_dir),
         "step": recorded["step"],
         "tokens_seen": recorded["tokens_seen"],
         "train_loss": metrics.get("train_loss"),

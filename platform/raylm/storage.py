@@ -1,0 +1,140 @@
+"""Locations on any pyarrow filesystem: a local directory, `file://`, `s3://`, `gs://`, `hdfs://`...
+
+`run.dir` may be any of them; everything raylm writes under it (shards, manifests, stage markers, training and
+sweep results, the registry) goes through `Location`, a small path-like wrapper over `pyarrow.fs`. Libraries that
+only take local paths (Hugging Face `save_pretrained`/`from_pretrained`) work in a local directory that is then
+uploaded, or on a downloaded copy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: pafs.FileSystem
+    path: str
+
+    @classmethod
+    def parse(cls, uri: str | Path | Location) -> Location:
+        """A local path (made absolute) or a URI with a scheme pyarrow knows."""
+        if isinstance(uri, Location):
+            return uri
+        text = str(uri)
+        if "://" not in text:
+            return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().absolute()))
+        fs, path = pafs.FileSystem.from_uri(text)
+        return cls(fs, path.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def local(self) -> Path:
+        """The local path; only for locations on the local filesystem."""
+        if not self.is_local:
+            raise ValueError(f"{self} is not on the local filesystem")
+        return Path(self.path)
+
+    def __str__(self) -> str:
+        return self.path if self.is_local else f"{self.fs.type_name}://{self.path}"
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(self.fs, posixpath.join(self.path, str(name)))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.fs, posixpath.dirname(self.path))
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def size(self) -> int:
+        return self._info().size or 0
+
+    def is_relative_to(self, other: Location) -> bool:
+        return type(self.fs) is type(other.fs) and (self.path + "/").startswith(other.path.rstrip("/") + "/")
+
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as stream:
+            return stream.readall()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write atomically where the filesystem can (a reader sees the old file or the new one)."""
+        self.parent.mkdir()
+        staging = self.parent / f".{self.name}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(staging.path) as stream:
+            stream.write(data)
+        self.fs.move(staging.path, self.path)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def unlink(self, missing_ok: bool = True) -> None:
+        if self.is_file() or not missing_ok:
+            self.fs.delete_file(self.path)
+
+    def rmtree(self) -> None:
+        if self.is_dir():
+            self.fs.delete_dir(self.path)
+
+    def iterdir(self) -> list[Location]:
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path))
+        return sorted((Location(self.fs, info.path) for info in infos), key=lambda loc: loc.path)
+
+    def glob(self, pattern: str) -> list[Location]:
+        """Entries whose path relative to this directory matches `pattern` (fnmatch; `*` crosses no `/`)."""
+        if not self.is_dir():
+            return []
+        depth = pattern.count("/")
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=depth > 0))
+        matches = []
+        for info in infos:
+            relative = posixpath.relpath(info.path, self.path)
+            if relative.count("/") == depth and fnmatch.fnmatchcase(relative, pattern):
+                matches.append(Location(self.fs, info.path))
+        return sorted(matches, key=lambda loc: loc.path)
+
+    def move(self, target: Location) -> None:
+        self.fs.move(self.path, target.path)
+
+    def upload(self, local_dir: Path) -> None:
+        """Copy a local directory's files into this location (replacing what is there)."""
+        self.rmtree()
+        self.mkdir()
+        pafs.copy_files(str(local_dir), self.path, pafs.LocalFileSystem(), self.fs)
+
+    def download(self, local_dir: Path) -> Path:
+        """Copy this directory's files into a local directory; returns it."""
+        local_dir.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path, str(local_dir), self.fs, pafs.LocalFileSystem())
+        return local_dir
