@@ -48,7 +48,12 @@ def test_counts_are_exact_and_every_token_lands_once(prepared):
         missing = Counter(stream) - Counter(blocks.reshape(-1).tolist())
         assert sum(missing.values()) == info["dropped_tokens"]
         assert not Counter(blocks.reshape(-1).tolist()) - Counter(stream)
+    # Each split's blocks hold exactly its own documents' tokens, and a document's split is a function of its
+    # text: train and validation share no document.
     assert manifest["splits"]["val"]["blocks"] > 0 and manifest["splits"]["train"]["blocks"] > 0
+    for split in ("train", "val"):
+        rows = [shard["rows"] for shard in manifest["splits"][split]["shards"]]
+        assert all(r == cfg.data.rows_per_shard for r in rows[:-1]) and 0 < rows[-1] <= cfg.data.rows_per_shard
     assert manifest["dtype"] == "uint16"
     assert manifest["tokenizer"]["vocab_size"] == len(tokenizer)
 
@@ -198,3 +203,13 @@ def test_special_tokens_bos_and_a_five_megabyte_document(ray_cluster, tmp_path):
     )
     assert summary["tokens"] == expected
     assert summary["documents"] == 239
+
+
+def test_a_local_tokenizer_directory_is_loaded_not_trained(prepared, tmp_path):
+    _, first = prepared
+    tokenizer_dir = pathlib.Path(first["data_dir"]) / "tokenizer"
+    summary = _prepare(tmp_path, f"data.tokenizer.path={tokenizer_dir}")
+    loaded = read_manifest(pathlib.Path(summary["data_dir"]))["tokenizer"]
+    assert loaded["source"] == str(tokenizer_dir)
+    assert loaded["hash"] == read_manifest(pathlib.Path(first["data_dir"]))["tokenizer"]["hash"]
+    assert summary["tokens"] == first["tokens"]

@@ -50,3 +50,18 @@ def test_tokenize_pack_counts_every_token(tmp_path):
             1 for t in texts if t is not None and not t.strip() and splits[t] == split
         )
     assert sum(out["n_bad"]) == 1
+
+
+def test_shards_are_uint16_when_the_vocabulary_fits_else_uint32(tmp_path):
+    import pyarrow.parquet as pq
+
+    from raylm.data.shards import ShardWriter, token_dtype
+    from raylm.storage import Location
+
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
+    writer = ShardWriter(Location.parse(tmp_path), block_len=3, dtype=token_dtype(100_000), rows_per_shard=2)
+    writer.add(np.array([[1, 2, 99_999], [4, 5, 6], [7, 8, 9]]))
+    assert writer.close() == [{"file": "part-00000.parquet", "rows": 2}, {"file": "part-00001.parquet", "rows": 1}]
+    column = pq.read_table(tmp_path / "part-00000.parquet").column("input_ids")
+    assert column.type.value_type == pa.uint32() and column.type.list_size == 3
+    assert column.to_pylist() == [[1, 2, 99_999], [4, 5, 6]]

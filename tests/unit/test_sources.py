@@ -78,3 +78,17 @@ def test_raylm_outputs_inside_the_corpus_directory_are_not_read(tmp_path):
     (paths.data / "manifest.json").write_text("{}")
     (paths.registry / "m" / "1" / "config.json").write_text("{}")
     assert list_input_files(cfg.data, outputs=(paths.root, paths.registry)) == [str(tmp_path / "a.txt")]
+
+
+def test_directories_globs_and_duplicates_expand_to_sorted_files(tmp_path):
+    from raylm.config import load_config
+    from raylm.data.sources import list_input_files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl", ".hidden.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    by_dir = load_config(None, [f"data.paths=[{tmp_path}]"]).data
+    by_glob = load_config(None, [f"data.paths=['{tmp_path}/**/*.jsonl', '{tmp_path}/a.jsonl']"]).data
+    expected = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl", "sub/c.jsonl")]
+    assert list_input_files(by_dir) == expected
+    assert sorted(list_input_files(by_glob)) == expected
