@@ -1,8 +1,8 @@
 """Tokens/s the training data iterator delivers from the shards ÷ tokens/s the training step consumes, and the
 share of a training step spent waiting for data (see shared BENCHMARKS.md).
 
-Everything runs inside one Ray Train worker, as `raylm train` runs: the shards stream in through
-`ray.train.get_dataset_shard("train").iter_torch_batches` with raylm's shuffle buffer, and the step is raylm's own
+Everything runs inside one Ray Train worker, as `raylm train` runs: the blocks stream in through the rank's own
+Ray Data pipeline in raylm's data order (`raylm.train.ingest`), and the step is raylm's own
 (tiny GPT-2 preset, AdamW, the same micro batch and threads). Interleaved and repeated on one stream of several
 epochs (as training reads it): an epoch's worth of batches pulled with no work between them, then 20 training
 steps on a batch already in memory. Then a real training loop over 1.2 epochs records the time spent in
@@ -27,26 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from raylm.cluster import local_cores, plan_resources, ray_session
 from raylm.config import load_config
 from raylm.data.prepare import run_prepare
-from raylm.data.shards import read_epochs
 
 TARGET_RATIO = 3.0
 TARGET_WAIT = 0.01
 
 
 def bench_per_worker(config: dict) -> None:
-    import ray.train
     import torch
 
     from raylm.config import validate_config
     from raylm.data.shards import read_manifest
     from raylm.models import build_model
+    from raylm.train.ingest import rank_dataset
     from raylm.train.loop import optimizer_step, train_batches
 
     cfg = validate_config(config["cfg"])
     torch.set_num_threads(config["threads"])
     manifest = read_manifest(Path(config["data_dir"]))
     tokens_per_row = manifest["seq_len"]
-    shard = ray.train.get_dataset_shard("train")
     tok = manifest["tokenizer"]
     model = build_model(cfg.model, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], tok["pad_id"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -55,7 +53,9 @@ def bench_per_worker(config: dict) -> None:
     tokens_per_batch = micro * tokens_per_row
     epoch_batches = manifest["splits"]["train"]["blocks"] // micro
     # One stream, as in training (it holds several epochs): delivery windows and the real loop pull from it in turn.
-    batches = train_batches(shard, micro, 0, torch.device("cpu"))
+    total_steps = (config["repeats"] + 2) * epoch_batches // cfg.train.grad_accum_steps + 1
+    stream = rank_dataset(config["data_dir"], cfg.train.seed, cfg.train.batch_size, 1, 0, 0, total_steps)
+    batches = train_batches(stream, micro, torch.device("cpu"))
     in_memory = [next(batches)]  # also waits out the stream's start-up, which is not what is measured
     steady = iter(lambda: in_memory[0], None)
     optimizer_step(model, optimizer, scheduler, steady, cfg.train.grad_accum_steps, cfg.train.grad_clip)
@@ -123,8 +123,6 @@ def main() -> None:
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": plan.cpus_per_worker}),
             run_config=RunConfig(name="ingest", storage_path=str(work / "storage")),
-            # As `raylm train` builds it: every pass the run needs, in one stream.
-            datasets={"train": read_epochs(Path(summary["data_dir"]), "train", repeats + 3, cfg.train.seed)},
         )
         trainer.fit()
     measured = json.loads(out.read_text())

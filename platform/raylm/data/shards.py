@@ -88,7 +88,8 @@ def read_split_blocks(data_dir: Location | Path | str, split: str) -> np.ndarray
 
 
 def read_split(data_dir: Location | Path | str, split: str, seed: int | None = None):
-    """A Ray Dataset of one split's blocks: in shard order, or with a seed, in a seeded shard order."""
+    """A Ray Dataset of one split's blocks: in shard order, or with a seed, in a seeded shard order. (Training
+    reads its blocks in raylm's own order: `raylm.train.ingest`.)"""
     import ray.data
 
     manifest = read_manifest(data_dir)
@@ -98,25 +99,3 @@ def read_split(data_dir: Location | Path | str, split: str, seed: int | None = N
     if seed is not None:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     return ray.data.read_parquet([f.path for f in files], columns=[TOKEN_COLUMN], filesystem=files[0].fs)
-
-
-IN_MEMORY_BYTES = 256 << 20
-"""A training split up to this size is read once and kept in Ray's object store for all its epochs."""
-
-
-def read_epochs(data_dir: Location | Path | str, split: str, epochs: int, seed: int):
-    """`epochs` passes over a split as one stream, each in its own seeded order.
-
-    One stream rather than one `iter_torch_batches` per epoch: Ray Data restarts a dataset's execution (and the
-    streaming split across workers) for every new iteration, which stalled training for seconds at each epoch.
-    A split that fits `IN_MEMORY_BYTES` is read once (re-reading small shards cost seconds per pass on 2 cores);
-    a larger one streams from its files, shuffled by file on the driver rather than with `randomize_block_order`,
-    which would have to read a whole pass before handing out its first block."""
-    manifest = read_manifest(data_dir)
-    size = sum(f.size() for f in shard_files(data_dir, manifest, split))
-    if size <= IN_MEMORY_BYTES:
-        cached = read_split(data_dir, split).materialize()
-        passes = [cached.randomize_block_order(seed=seed + epoch) for epoch in range(epochs)]
-    else:
-        passes = [read_split(data_dir, split, seed=seed + epoch) for epoch in range(epochs)]
-    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]

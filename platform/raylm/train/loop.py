@@ -24,6 +24,7 @@ from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
 from raylm.storage import Location
 from raylm.train.checkpoint import restore_checkpoint, save_checkpoint
+from raylm.train.ingest import rank_dataset
 
 
 def lm_loss(model, blocks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -48,18 +49,11 @@ def _blocks(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tenso
     return batch[TOKEN_COLUMN].to(device=device, dtype=torch.long)
 
 
-SHUFFLE_BUFFER_ROWS = 2048
-"""Shards hold blocks in document order; a shuffle buffer mixes documents within each optimizer step."""
-
-
-def train_batches(shard, micro_batch: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Micro batches from the worker's share of the stream (which holds as many epochs as training needs; every
-    worker's share has the same number of rows: `equal=True`)."""
-    for batch in shard.iter_torch_batches(
-        batch_size=micro_batch, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=seed
-    ):
+def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Micro batches of the rank's stream, in order (`raylm.train.order`: a step's share is whole micro batches)."""
+    for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=4):
         yield _blocks(batch, device)
-    raise RuntimeError("the training stream ended before max_steps: it holds too few epochs")
+    raise RuntimeError("the training stream ended before max_steps")
 
 
 @torch.no_grad()
@@ -109,7 +103,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw_model = getattr(model, "module", model)
     progress = _progress_actor(config.get("progress_actor"))
 
-    batches = train_batches(ray.train.get_dataset_shard("train"), train.micro_batch, train.seed + rank, device)
+    world = context.get_world_size()
+    stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], train.max_steps)
+    batches = train_batches(stream, train.micro_batch, device)
+    rows = manifest["splits"]["train"]["blocks"]
     # The validation split is small next to the training set: every rank reads it once, keeps it in memory, and
     # evaluates its own share each time (re-streaming it through Ray Data per evaluation costs seconds each time).
     val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64"))
@@ -123,6 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
+        # Where the run stands in the data: resuming at this step continues exactly here.
+        position["samples_consumed"] = position["step"] * train.batch_size
+        position["epoch"] = position["samples_consumed"] // rows
         step = position["step"]
         metrics = {
             "step": step,

@@ -7,7 +7,6 @@ so `raylm train` run twice with the same `run.name` continues where the first st
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ from typing import Any
 
 from raylm.cluster import ResourcePlan
 from raylm.config import Config
-from raylm.data.shards import read_epochs, read_manifest
+from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, claim_stage, read_json, write_json
 from raylm.storage import Location
@@ -57,16 +56,7 @@ def build_trainer(
             ),
             callbacks=callbacks,
         ),
-        # Ray Data streams the training split into the workers; the small validation split is read by each worker.
-        datasets={"train": read_epochs(data_dir, "train", epochs_needed(cfg, data_dir), cfg.train.seed)},
     )
-
-
-def epochs_needed(cfg: Config, data_dir: Location) -> int:
-    """Passes over the training split that `max_steps` global batches take (plus one for what the even split over
-    workers and `drop_last` leave out)."""
-    rows = read_manifest(data_dir)["splits"]["train"]["blocks"]
-    return math.ceil(cfg.train.max_steps * cfg.train.batch_size / rows) + 1
 
 
 def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str, Any]:
