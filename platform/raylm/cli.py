@@ -89,8 +89,10 @@ def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     from raylm.registry import RegistryError
     from raylm.runs import StageConflict
     from raylm.serving.server import ServeConfigError
+    from raylm.train.trainer import TrainingFailed
 
-    return (ConfigError, StageConflict, ServeConfigError), (DataError, ModelLoadError, RegistryError, FileNotFoundError)
+    config_errors = (ConfigError, StageConflict, ServeConfigError)
+    return config_errors, (DataError, ModelLoadError, RegistryError, FileNotFoundError, TrainingFailed)
 
 
 def _user_error_inside(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

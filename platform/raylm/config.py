@@ -110,6 +110,9 @@ class ModelSection(_Section):
     pretrained: str | None = None
     """A local model directory or hub id to fine-tune; overrides `preset`."""
     trust_remote_code: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout of a preset model (pretraining usually wants none: it also keeps runs with different worker counts
+    numerically alike)."""
 
 
 class TrainSection(_Section):

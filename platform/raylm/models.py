@@ -43,6 +43,9 @@ def build_model(section: ModelSection, vocab_size: int, seq_len: int, eos_id: in
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        resid_pdrop=section.dropout,
+        embd_pdrop=section.dropout,
+        attn_pdrop=section.dropout,
         **PRESETS[section.preset],
     )
     config._attn_implementation = "sdpa"

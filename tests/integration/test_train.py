@@ -8,7 +8,10 @@ import pytest
 from raylm.cluster import plan_resources
 from raylm.data.prepare import run_prepare
 from raylm.runs import RunPaths
+from raylm.train.checkpoint import read_checkpoint_manifest
+from raylm.train.ingest import expected_ledger
 from raylm.train.trainer import run_train
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -35,6 +38,13 @@ def test_two_workers_loss_falls_and_checkpoint_loads(prepared):
     ids = tokenizer("The river carried", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+    # Each rank trained on exactly its slice of every global batch, in raylm's order.
+    ledgers = read_checkpoint_manifest(checkpoint)["ledgers"]
+    for rank in range(2):
+        expected = expected_ledger(data["data_dir"], cfg.train.seed, cfg.train.batch_size, 2, rank, cfg.train.max_steps)
+        assert ledgers[rank] == expected.state()
+    assert summary["samples_consumed"] == cfg.train.max_steps * cfg.train.batch_size
 
     # Running the same run again reuses the finished result instead of training again.
     assert run_train(cfg, plan) == summary
@@ -84,4 +94,29 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
     summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
     assert summary["resumed"] is True
     assert summary["step"] == 20
+    # No block skipped, none trained on twice: the resumed run's ledger is the uninterrupted one's.
+    data_dir = str(RunPaths.of(resumed_cfg).data)
+    expected = expected_ledger(data_dir, resumed_cfg.train.seed, resumed_cfg.train.batch_size, 1, 0, 20)
+    assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected.state()]
     assert summary["tokens_seen"] == 20 * cfg.train.batch_size * cfg.data.seq_len
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker_at_the_same_global_batch(ray_cluster, tmp_path):
+    from raylm.config import load_config
+
+    losses = {}
+    for workers in (1, 2):
+        cfg = load_config(
+            None,
+            [
+                *tiny_overrides(tmp_path, name=f"parity{workers}"),
+                f"train.num_workers={workers}",
+                "train.max_steps=50",
+                "train.eval_every=50",
+            ],
+        )
+        run_prepare(cfg)
+        losses[workers] = run_train(cfg, plan_resources(cfg, embedded=True))["val_loss"]
+    print(f"validation loss after 50 steps: 1 worker {losses[1]:.5f}, 2 workers {losses[2]:.5f}")
+    assert abs(losses[2] - losses[1]) <= 0.01 * losses[1], losses

@@ -7,7 +7,9 @@ cached per process), and `iter_torch_batches` prefetches them into the training 
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ from raylm.storage import Location
 from raylm.train.order import WINDOW_SHARDS, DataOrder, rank_positions
 
 SAMPLES_PER_TASK = 256
+ROW_COLUMN = "row"
+"""Each block travels with its id, so the loop can account for exactly what it trained on (`DataLedger`)."""
 
 
 class ShardCache:
@@ -55,7 +59,8 @@ def fetch_blocks(batch: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str
         files = shard_files(plan["data_dir"], manifest, "train")
         cache = _caches[plan["data_dir"]] = ShardCache(files, capacity=2 * plan["window_shards"])
     shards, offsets = order.shard_of(rows)
-    return {TOKEN_COLUMN: np.stack([cache.blocks(s)[o] for s, o in zip(shards, offsets, strict=True)])}
+    blocks = np.stack([cache.blocks(s)[o] for s, o in zip(shards, offsets, strict=True)])
+    return {TOKEN_COLUMN: blocks, ROW_COLUMN: rows}
 
 
 def rank_dataset(
@@ -81,3 +86,31 @@ def rank_dataset(
     )
     dataset.context.execution_options.preserve_order = True
     return dataset
+
+
+@dataclass
+class DataLedger:
+    """A running SHA-256 over the block ids a rank trained on, step by step, kept in every checkpoint. A resumed run
+    that skipped or repeated a block ends with another digest than the uninterrupted run it continues."""
+
+    digest: str = ""
+    samples: int = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        chained = bytes.fromhex(self.digest) + np.asarray(rows, dtype="<i8").tobytes()
+        self.digest = hashlib.sha256(chained).hexdigest()
+        self.samples += len(rows)
+
+    def state(self) -> dict[str, Any]:
+        return {"digest": self.digest, "samples": self.samples}
+
+
+def expected_ledger(data_dir: str, seed: int, global_batch: int, world_size: int, rank: int, steps: int) -> DataLedger:
+    """The ledger of a rank that trained on exactly its share of steps `1..steps`, computed from the order alone."""
+    manifest = read_manifest(data_dir)
+    order = DataOrder(tuple(shard["rows"] for shard in manifest["splits"]["train"]["shards"]), seed, WINDOW_SHARDS)
+    per_rank = global_batch // world_size
+    ledger = DataLedger()
+    for step in range(steps):
+        ledger.add(order.rows_at(rank_positions(np.arange(per_rank), step, global_batch, world_size, rank)))
+    return ledger

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +25,7 @@ from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
 from raylm.storage import Location
 from raylm.train.checkpoint import restore_checkpoint, save_checkpoint
-from raylm.train.ingest import rank_dataset
+from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
 
 
 def lm_loss(model, blocks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -49,10 +50,10 @@ def _blocks(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tenso
     return batch[TOKEN_COLUMN].to(device=device, dtype=torch.long)
 
 
-def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Micro batches of the rank's stream, in order (`raylm.train.order`: a step's share is whole micro batches)."""
+def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(blocks, block ids) micro batches of the rank's stream, in order (a step's share is whole micro batches)."""
     for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=4):
-        yield _blocks(batch, device)
+        yield _blocks(batch, device), batch[ROW_COLUMN].numpy()
     raise RuntimeError("the training stream ended before max_steps")
 
 
@@ -93,12 +94,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
-    position = {"step": 0, "tokens_seen": 0}
+    position: dict[str, Any] = {"step": 0, "tokens_seen": 0}
+    ledger = DataLedger()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             recorded = restore_checkpoint(Path(directory), model, optimizer, scheduler)
         position = {"step": recorded["step"], "tokens_seen": recorded["tokens_seen"]}
+        ledgers = recorded.get("ledgers") or []
+        if len(ledgers) == context.get_world_size():
+            ledger = DataLedger(**ledgers[rank])
     model = ray.train.torch.prepare_model(model)
     raw_model = getattr(model, "module", model)
     progress = _progress_actor(config.get("progress_actor"))
@@ -117,7 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (data_dir / tokenizer["dir"]).download(Path(tempfile.mkdtemp(prefix="raylm-tok-"))) if rank == 0 else None
     )
     while position["step"] < train.max_steps:
-        loss = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
+        loss, used = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
+        ledger.add(used)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
         # Where the run stands in the data: resuming at this step continues exactly here.
@@ -134,18 +140,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.monotonic() - started
             progress.update.remote({**metrics, "tokens_per_s": position["tokens_seen"] / max(elapsed, 1e-9)})
         if step % train.eval_every == 0 or step == train.max_steps:
-            metrics.update(
-                evaluate(raw_model, val_blocks.to(device), train.micro_batch, rank, context.get_world_size())
-            )
+            metrics.update(evaluate(raw_model, val_blocks.to(device), train.micro_batch, rank, world))
+            position["ledgers"] = _gather(ledger.state(), world)
             _report(metrics, rank, raw_model, tokenizer_dir, optimizer, scheduler, position)
             if progress and rank == 0:
                 progress.update.remote(metrics)
 
 
-def optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: float) -> float:
-    total = 0.0
+def optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: float) -> tuple[float, np.ndarray]:
+    """One optimizer step over `accum` micro batches; returns the mean loss and the ids of the blocks it used."""
+    total, rows = 0.0, []
     for micro in range(accum):
-        blocks = next(batches)
+        blocks, ids = next(batches)
+        rows.append(ids)
         # Synchronise gradients across workers only on the last micro batch.
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
@@ -156,7 +163,16 @@ def optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, np.concatenate(rows)
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _report(metrics, rank, model, tokenizer_dir, optimizer, scheduler, position) -> None:

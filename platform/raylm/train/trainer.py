@@ -7,11 +7,14 @@ so `raylm train` run twice with the same `run.name` continues where the first st
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+from ray.train import TrainingFailedError
 
 from raylm.cluster import ResourcePlan
 from raylm.config import Config
@@ -23,6 +26,28 @@ from raylm.train.checkpoint import read_checkpoint_manifest
 from raylm.train.loop import train_loop_per_worker
 
 RESULT_FILE = "result.json"
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped on worker failures beyond `train.max_failures`; the message names the workers."""
+
+
+def explain_failure(err: BaseException, max_failures: int) -> str:
+    """One line per failed rank (a died process named by pid and node, else the error's last line)."""
+    parts = []
+    for rank, failure in sorted(getattr(err, "worker_failures", {}).items()):
+        text = str(failure)
+        if "died" in text:
+            pid, node = re.search(r"pid[=:] ?(\d+)", text), re.search(r"\bip: (\S+)", text)
+            where = f" (pid {pid.group(1) if pid else '?'} on {node.group(1) if node else '?'})"
+            parts.append(f"rank {rank}: the worker process died{where}")
+        else:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            parts.append(f"rank {rank}: {lines[-1] if lines else type(failure).__name__}")
+    return (
+        f"training failed with train.max_failures={max_failures} restarts allowed: {'; '.join(parts) or err}. "
+        "Complete checkpoints are kept: run the same command again to resume from the last one."
+    )
 
 
 def build_trainer(
@@ -74,7 +99,10 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     started = time.monotonic()
     with live_progress(cfg.train.max_steps) as actor_name:
         trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
-        result = fit_interruptibly(trainer)
+        try:
+            result = fit_interruptibly(trainer)
+        except TrainingFailedError as err:
+            raise TrainingFailed(explain_failure(err, cfg.train.max_failures)) from err
     summary = summarize(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
@@ -108,6 +136,8 @@ def summarize(checkpoint_dir: Location, started: float, resumed: bool = False) -
         "checkpoint": str(checkpoint_dir),
         "step": recorded["step"],
         "tokens_seen": recorded["tokens_seen"],
+        "epoch": recorded.get("epoch"),
+        "samples_consumed": recorded.get("samples_consumed"),
         "train_loss": metrics.get("train_loss"),
         "val_loss": metrics.get("val_loss"),
         "val_ppl": metrics.get("val_ppl"),

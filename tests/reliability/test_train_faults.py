@@ -1,0 +1,102 @@
+"""Training under faults, on the shared real cluster: a SIGKILLed worker is replaced and the run resumes from its
+last checkpoint at the exact data position; with max_failures=0 it fails fast and leaves nothing running."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from raylm.cluster import plan_resources
+from raylm.config import load_config
+from raylm.data.prepare import run_prepare
+from raylm.runs import RunPaths
+from raylm.train.checkpoint import read_checkpoint_manifest
+from raylm.train.ingest import expected_ledger
+from raylm.train.trainer import TrainingFailed, run_train
+from tests.conftest import tiny_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _alive(class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(
+        filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], raise_on_missing_output=False
+    )
+
+
+def _kill_a_worker_after_the_first_checkpoint(cfg, killed: list) -> threading.Thread:
+    train_dir = RunPaths.of(cfg).train
+
+    def kill() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if train_dir.glob("checkpoint_*"):
+                workers = _alive("RayTrainWorker")
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def _config(tmp_path, name: str, *overrides: str):
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tmp_path, name),
+            "train.num_workers=2",
+            "train.max_steps=24",
+            "train.eval_every=4",
+            *overrides,
+        ],
+    )
+    run_prepare(cfg)
+    return cfg
+
+
+def test_a_killed_worker_is_replaced_and_no_block_is_skipped_or_repeated(ray_cluster, tmp_path):
+    cfg = _config(tmp_path, "killed", "train.max_failures=2")
+    killed: list = []
+    killer = _kill_a_worker_after_the_first_checkpoint(cfg, killed)
+    summary = run_train(cfg, plan_resources(cfg, embedded=True))
+    killer.join()
+    assert killed, "a training worker was killed mid-run"
+    assert summary["step"] == 24 and summary["samples_consumed"] == 24 * 8
+    ledgers = read_checkpoint_manifest(summary["checkpoint"])["ledgers"]
+    for rank in range(2):
+        assert ledgers[rank] == expected_ledger(str(RunPaths.of(cfg).data), 0, 8, 2, rank, 24).state()
+
+    # The same run without the fault ends where the faulted one did (within 1% validation loss).
+    clean = run_train(_config(tmp_path, "clean"), plan_resources(cfg, embedded=True))
+    assert abs(summary["val_loss"] - clean["val_loss"]) <= 0.01 * clean["val_loss"]
+
+
+def test_without_retries_a_killed_worker_fails_fast_and_leaks_nothing(ray_cluster, tmp_path):
+    from ray.util import placement_group_table
+
+    cfg = _config(tmp_path, "fragile", "train.max_failures=0", "train.max_steps=400")
+    killed: list = []
+    killer = _kill_a_worker_after_the_first_checkpoint(cfg, killed)
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed) as err:
+        run_train(cfg, plan_resources(cfg, embedded=True))
+    killer.join()
+    assert killed and time.monotonic() - started < 240
+    message = str(err.value)
+    assert "train.max_failures=0" in message
+    assert f"the worker process died (pid {killed[0]} on " in message, message
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (_alive("RayTrainWorker") or _alive("TrainController")):
+        time.sleep(1)
+    assert not _alive("RayTrainWorker") and not _alive("TrainController")
+    while time.monotonic() < deadline and any(pg["state"] != "REMOVED" for pg in placement_group_table().values()):
+        time.sleep(1)
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
