@@ -52,7 +52,7 @@ def _blocks(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tenso
 
 def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """(blocks, block ids) micro batches of the rank's stream, in order (a step's share is whole micro batches)."""
-    for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=4):
+    for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=8):
         yield _blocks(batch, device), batch[ROW_COLUMN].numpy()
     raise RuntimeError("the training stream ended before max_steps")
 
