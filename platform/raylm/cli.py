@@ -84,6 +84,7 @@ def emit(summary: dict[str, Any]) -> None:
 
 def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(errors in what the user asked for: exit 2, errors in the user's data or models: exit 1)."""
+    from raylm.cluster import UnplaceableError
     from raylm.data.sources import DataError
     from raylm.models import ModelLoadError
     from raylm.registry import RegistryError
@@ -91,7 +92,7 @@ def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     from raylm.serving.server import ServeConfigError
     from raylm.train.trainer import TrainingFailed
 
-    config_errors = (ConfigError, StageConflict, ServeConfigError)
+    config_errors = (ConfigError, StageConflict, ServeConfigError, UnplaceableError)
     return config_errors, (DataError, ModelLoadError, RegistryError, FileNotFoundError, TrainingFailed)
 
 
@@ -299,6 +300,21 @@ def pipeline(
                 stop_serving()
 
     emit(run_stage(cfg, address, verbose, body, _preflight(cfg, stages, restart)))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint directory (local path or URI).")],
+    out_dir: Annotated[str, typer.Argument(help="Where to write the Hugging Face model directory.")],
+) -> None:
+    """Write a checkpoint as a plain Hugging Face model directory (safetensors, config, tokenizer)."""
+    from raylm.train.checkpoint import export_checkpoint
+
+    try:
+        target = export_checkpoint(checkpoint, out_dir)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err), 1)
+    emit({"stage": "export", "checkpoint": checkpoint, "model_dir": str(target)})
 
 
 @models_app.command("list")

@@ -74,6 +74,30 @@ def plan_resources(cfg: Config, embedded: bool, cluster_cpus: float | None = Non
     )
 
 
+class UnplaceableError(ValueError):
+    """The cluster cannot ever place what the config asks for (it would otherwise wait forever)."""
+
+
+def check_placeable(workers: int, cpus_per_worker: int, concurrent: int = 1) -> None:
+    """Fail fast when `concurrent` groups of `workers` x `cpus_per_worker` CPUs can never fit in the cluster."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    largest = max((node["Resources"].get("CPU", 0) for node in nodes), default=0)
+    total = sum(node["Resources"].get("CPU", 0) for node in nodes)
+    if cpus_per_worker > largest:
+        raise UnplaceableError(
+            f"a training worker needs {cpus_per_worker} CPUs (train.cpus_per_worker) but the largest node has "
+            f"{largest:g}"
+        )
+    needed = workers * cpus_per_worker
+    if needed > total:
+        raise UnplaceableError(
+            f"train.num_workers={workers} x {cpus_per_worker} CPUs = {needed} CPUs, but the cluster has {total:g}: "
+            "lower train.num_workers or train.cpus_per_worker"
+        )
+
+
 def target_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 

@@ -106,7 +106,7 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    preset: Literal["tiny", "gpt2-small"] = "tiny"
+    preset: Literal["tiny", "gpt2-small", "llama-tiny"] = "tiny"
     pretrained: str | None = None
     """A local model directory or hub id to fine-tune; overrides `preset`."""
     trust_remote_code: bool = False

@@ -11,12 +11,23 @@ from typing import Any
 
 from raylm.config import ModelSection
 
-PRESETS: dict[str, dict[str, Any]] = {
+GPT2_PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: trains in seconds on a laptop CPU.
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128},
     # GPT-2 small (124M parameters).
     "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768},
 }
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    # A small Llama-style model: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+    "llama-tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
+PRESETS = {**GPT2_PRESETS, **LLAMA_PRESETS}
 
 
 class ModelLoadError(ValueError):
@@ -35,6 +46,8 @@ def build_model(section: ModelSection, vocab_size: int, seq_len: int, eos_id: in
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model
+    if section.preset in LLAMA_PRESETS:
+        return _llama(section, vocab_size, seq_len, eos_id, pad_id)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -46,10 +59,27 @@ def build_model(section: ModelSection, vocab_size: int, seq_len: int, eos_id: in
         resid_pdrop=section.dropout,
         embd_pdrop=section.dropout,
         attn_pdrop=section.dropout,
-        **PRESETS[section.preset],
+        **GPT2_PRESETS[section.preset],
     )
     config._attn_implementation = "sdpa"
     return GPT2LMHeadModel(config)
+
+
+def _llama(section: ModelSection, vocab_size: int, seq_len: int, eos_id: int, pad_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=seq_len,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        attention_dropout=section.dropout,
+        tie_word_embeddings=True,
+        **LLAMA_PRESETS[section.preset],
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, **kwargs: Any):

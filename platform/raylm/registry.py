@@ -18,16 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from raylm.config import Config
 from raylm.runs import RunPaths, read_json, write_json
 from raylm.storage import Location
-from raylm.train.checkpoint import CHECKPOINT_MANIFEST, TRAIN_STATE, checkpoint_problem
+from raylm.train.checkpoint import checkpoint_problem, copy_model_files
 
 MANIFEST = "manifest.json"
-# What a served model needs; optimizer state and the checkpoint manifest stay behind.
-SKIPPED_FILES = {TRAIN_STATE, CHECKPOINT_MANIFEST}
 
 
 class RegistryError(ValueError):
@@ -77,9 +73,7 @@ def register(
     staging.mkdir()
     target = None
     try:
-        for item in checkpoint.iterdir():
-            if item.is_file() and item.name not in SKIPPED_FILES:
-                pafs.copy_files(item.path, (staging / item.name).path, checkpoint.fs, staging.fs)
+        copy_model_files(checkpoint, staging)
         version = (_versions(registry, name) or [0])[-1] + 1
         target = registry / name / str(version)
         staging.move(target)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raylm.cluster import ResourcePlan
+from raylm.cluster import ResourcePlan, check_placeable
 from raylm.config import Config, validate_config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
@@ -121,6 +121,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
 
     paths = RunPaths.of(cfg)
     read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
+    check_placeable(cfg.train.num_workers, plan.trial_cpus_per_worker)
     _, reusable = claim_stage(cfg, "tune", restart)
     if reusable and (paths.tune / BEST_FILE).is_file():
         say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")

@@ -120,3 +120,16 @@ def test_two_workers_match_one_worker_at_the_same_global_batch(ray_cluster, tmp_
         losses[workers] = run_train(cfg, plan_resources(cfg, embedded=True))["val_loss"]
     print(f"validation loss after 50 steps: 1 worker {losses[1]:.5f}, 2 workers {losses[2]:.5f}")
     assert abs(losses[2] - losses[1]) <= 0.01 * losses[1], losses
+
+
+def test_more_workers_than_the_cluster_can_place_fail_fast(prepared):
+    import time
+
+    from raylm.cluster import UnplaceableError
+
+    cfg, _ = prepared
+    big = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 64, "batch_size": 64})})
+    started = time.monotonic()
+    with pytest.raises(UnplaceableError, match=r"train.num_workers=64 x 1 CPUs = 64 CPUs, but the cluster has 6"):
+        run_train(big, plan_resources(big, embedded=True))
+    assert time.monotonic() - started < 10

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from raylm.runs import read_json, write_json
@@ -66,6 +67,26 @@ def checkpoint_problem(directory: Location | Path | str) -> str | None:
             return f"{path} has {path.size()} bytes, the manifest says {size}"
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     return f"{directory} has no {missing[0]}" if missing else None
+
+
+def copy_model_files(checkpoint: Location, target: Location) -> None:
+    """The checkpoint as a plain Hugging Face model directory: model, config, tokenizer; no optimizer state."""
+    target.mkdir()
+    for item in checkpoint.iterdir():
+        if item.is_file() and item.name not in (TRAIN_STATE, CHECKPOINT_MANIFEST):
+            pafs.copy_files(item.path, (target / item.name).path, checkpoint.fs, target.fs)
+
+
+def export_checkpoint(checkpoint: Location | Path | str, out_dir: Location | Path | str) -> Location:
+    """`raylm export`: a complete checkpoint -> a model directory any `from_pretrained` loads."""
+    checkpoint, out_dir = Location.parse(checkpoint), Location.parse(out_dir)
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ValueError(f"cannot export an incomplete checkpoint: {problem}")
+    if out_dir.exists() and out_dir.iterdir():
+        raise ValueError(f"{out_dir} exists and is not empty")
+    copy_model_files(checkpoint, out_dir)
+    return out_dir
 
 
 def read_checkpoint_manifest(directory: Location | Path | str) -> dict[str, Any]:

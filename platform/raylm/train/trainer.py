@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.train import TrainingFailedError
 
-from raylm.cluster import ResourcePlan
+from raylm.cluster import ResourcePlan, check_placeable
 from raylm.config import Config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
@@ -87,6 +87,7 @@ def build_trainer(
 def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str, Any]:
     paths = RunPaths.of(cfg)
     read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
+    check_placeable(cfg.train.num_workers, plan.cpus_per_worker)
     _, reusable = claim_stage(cfg, "train", restart)
     if reusable and (paths.train / RESULT_FILE).is_file():
         say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
