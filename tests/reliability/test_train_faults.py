@@ -100,3 +100,58 @@ def test_without_retries_a_killed_worker_fails_fast_and_leaks_nothing(ray_cluste
     while time.monotonic() < deadline and any(pg["state"] != "REMOVED" for pg in placement_group_table().values()):
         time.sleep(1)
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path, capsys):
+    from pathlib import Path
+
+    cfg = _config(tmp_path, "corrupt", "train.num_workers=1", "train.max_steps=12", "train.num_to_keep=3")
+    plan = plan_resources(cfg, embedded=True)
+    first = run_train(cfg, plan)
+    weights = Path(first["checkpoint"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # the latest checkpoint, truncated
+    (RunPaths.of(cfg).train / "result.json").unlink()  # as if the run had stopped right after writing it
+
+    again = run_train(cfg, plan)
+    warning = capsys.readouterr().err
+    assert f"{weights} has 1000 bytes" in warning and "resuming from" in warning
+    assert again["resumed"] is True and again["step"] == 12
+    expected = expected_ledger(str(RunPaths.of(cfg).data), 0, 8, 1, 0, 12).state()
+    assert read_checkpoint_manifest(again["checkpoint"])["ledgers"] == [expected]
+
+
+def test_a_killed_driver_run_again_resumes_where_it_stopped(ray_cluster, tmp_path):
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import REPO
+    from tests.integration.test_cli import _processes_mentioning
+
+    overrides = [*tiny_overrides(tmp_path, "driver"), "train.max_steps=20", "train.eval_every=5"]
+    cfg = load_config(None, overrides)
+    run_prepare(cfg)
+    ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "train", *overrides],
+        cwd=REPO,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    train_dir = RunPaths.of(cfg).train
+    deadline = time.monotonic() + 240
+    while not train_dir.glob("checkpoint_*") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)  # no cleanup, no handler: the driver is simply gone
+    process.wait(timeout=30)
+    time.sleep(3)
+    for pid in _processes_mentioning(ray_tmp):  # what the dead driver's embedded cluster left behind
+        os.kill(pid, signal.SIGKILL)
+    assert train_dir.glob("checkpoint_*") and not (train_dir / "result.json").exists()
+
+    summary = run_train(cfg, plan_resources(cfg, embedded=True))
+    assert summary["resumed"] is True and summary["step"] == 20
+    expected = expected_ledger(str(RunPaths.of(cfg).data), 0, 8, 1, 0, 20).state()
+    assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected]

@@ -89,6 +89,20 @@ def export_checkpoint(checkpoint: Location | Path | str, out_dir: Location | Pat
     return out_dir
 
 
+def resume_checkpoint(latest: Location | None, run_dir: Location) -> tuple[Location | None, str | None]:
+    """Where to resume: `latest` (Ray Train's latest reported checkpoint) when complete, else the complete
+    checkpoint of `run_dir` with the most steps. Returns it and, when `latest` was passed over, why."""
+    if latest is not None and checkpoint_problem(latest) is None:
+        return latest, None
+    problem = checkpoint_problem(latest) if latest is not None else None
+    complete = [c for c in run_dir.glob("checkpoint_*") if checkpoint_problem(c) is None]
+    best = max(complete, key=lambda c: read_checkpoint_manifest(c)["step"], default=None)
+    if problem:
+        fallback = f"resuming from {best}" if best else "no complete checkpoint is left: starting from scratch"
+        return best, f"the latest checkpoint is incomplete or corrupt ({problem}); {fallback}"
+    return best, None
+
+
 def read_checkpoint_manifest(directory: Location | Path | str) -> dict[str, Any]:
     return read_json(Location.parse(directory) / CHECKPOINT_MANIFEST)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from raylm.config import Config, validate_config
 from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
 from raylm.storage import Location
-from raylm.train.checkpoint import restore_checkpoint, save_checkpoint
+from raylm.train.checkpoint import restore_checkpoint, resume_checkpoint, save_checkpoint
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
 
 
@@ -96,10 +97,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
     position: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     ledger = DataLedger()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            recorded = restore_checkpoint(Path(directory), model, optimizer, scheduler)
+    latest = ray.train.get_checkpoint()
+    source, warning = resume_checkpoint(
+        Location(latest.filesystem, latest.path) if latest else None, Location.parse(config["run_dir"])
+    )
+    if warning:
+        print(f"raylm: {warning}", file=sys.stderr, flush=True)
+    if source:
+        local = source.local if source.is_local else source.download(Path(tempfile.mkdtemp(prefix="raylm-resume-")))
+        recorded = restore_checkpoint(local, model, optimizer, scheduler)
         position = {"step": recorded["step"], "tokens_seen": recorded["tokens_seen"]}
         ledgers = recorded.get("ledgers") or []
         if len(ledgers) == context.get_world_size():

@@ -22,7 +22,7 @@ from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, claim_stage, read_json, write_json
 from raylm.storage import Location
-from raylm.train.checkpoint import read_checkpoint_manifest
+from raylm.train.checkpoint import read_checkpoint_manifest, resume_checkpoint
 from raylm.train.loop import train_loop_per_worker
 
 RESULT_FILE = "result.json"
@@ -70,6 +70,7 @@ def build_trainer(
             "data_dir": str(data_dir),
             "threads": cpus_per_worker,
             "progress_actor": progress_actor,
+            "run_dir": str(storage_path / name),
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
@@ -93,6 +94,11 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
         say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
         return read_json(paths.train / RESULT_FILE)
     resumed = reusable and any(paths.train.glob("checkpoint_*"))
+    if resumed:
+        # The workers choose the same checkpoint; saying it here is what reaches the user's terminal.
+        _, warning = resume_checkpoint(_latest_reported(paths.train), paths.train)
+        if warning:
+            say(f"[yellow]warning:[/yellow] {warning}")
     say(
         f"train: {cfg.train.num_workers} worker(s) x {plan.cpus_per_worker} CPU, {cfg.train.max_steps} steps"
         + (" (resuming from the last checkpoint)" if resumed else "")
@@ -107,6 +113,16 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     summary = summarize(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
+
+
+def _latest_reported(run_dir: Location) -> Location | None:
+    """The checkpoint Ray Train will hand back on resume: the latest in its snapshot of reported checkpoints."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    latest = (read_json(snapshot) or {}).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name if name else None
 
 
 def fit_interruptibly(trainer):
