@@ -155,3 +155,35 @@ def test_a_killed_driver_run_again_resumes_where_it_stopped(ray_cluster, tmp_pat
     assert summary["resumed"] is True and summary["step"] == 20
     expected = expected_ledger(str(RunPaths.of(cfg).data), 0, 8, 1, 0, 20).state()
     assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected]
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(ray_cluster, tmp_path):
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+    from ray.train import TrainingFailedError
+    from transformers import AutoModelForCausalLM
+
+    from raylm.runs import claim_stage
+    from raylm.storage import Location
+    from raylm.train.checkpoint import checkpoint_problem, resume_checkpoint
+    from raylm.train.trainer import build_trainer
+    from tests.reliability import full_disk
+
+    cloudpickle.register_pickle_by_value(full_disk)  # Ray's workers get the handler without importing tests/
+    cfg = _config(tmp_path, "full", "train.num_workers=1", "train.max_steps=12", "train.max_failures=0")
+    paths = RunPaths.of(cfg)
+    claim_stage(cfg, "train", restart=False)
+    full = Location(pafs.PyFileSystem(full_disk.FullDiskHandler()), paths.root.path)
+    with pytest.raises(TrainingFailedError, match="No space left on device"):
+        build_trainer(cfg, paths.data, full, "train", 1).fit()
+
+    checkpoints = paths.train.glob("checkpoint_*")
+    complete = [c for c in checkpoints if checkpoint_problem(c) is None]
+    assert len(complete) == 1 and read_checkpoint_manifest(complete[0])["step"] == 4
+    assert AutoModelForCausalLM.from_pretrained(str(complete[0].local)) is not None
+    assert resume_checkpoint(None, paths.train)[0] == complete[0], "a partial checkpoint is never resumed from"
+
+    summary = run_train(cfg, plan_resources(cfg, embedded=True))  # space again: the run resumes and finishes
+    assert summary["resumed"] is True and summary["step"] == 12
+    expected = expected_ledger(str(paths.data), 0, 8, 1, 0, 12).state()
+    assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected]

@@ -70,12 +70,14 @@ def build_trainer(
             "data_dir": str(data_dir),
             "threads": cpus_per_worker,
             "progress_actor": progress_actor,
-            "run_dir": str(storage_path / name),
+            "run_dir": storage_path / name,  # a Location: any filesystem, not only those with a URI scheme
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            # The location's own filesystem, so that any pyarrow filesystem works (and credentials set on it).
+            storage_path=storage_path.path,
+            storage_filesystem=None if storage_path.is_local else storage_path.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
