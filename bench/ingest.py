@@ -49,16 +49,16 @@ def bench_per_worker(config: dict) -> None:
     model = build_model(cfg.model, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], tok["pad_id"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    micro = cfg.train.micro_batch
+    micro = cfg.train.micro_batch()
     tokens_per_batch = micro * tokens_per_row
     epoch_batches = manifest["splits"]["train"]["blocks"] // micro
     # One stream, as in training (it holds several epochs): delivery windows and the real loop pull from it in turn.
-    total_steps = (config["repeats"] + 2) * epoch_batches // cfg.train.grad_accum_steps + 1
+    total_steps = (config["repeats"] + 2) * epoch_batches // cfg.train.grad_accum_steps() + 1
     stream = rank_dataset(config["data_dir"], cfg.train.seed, cfg.train.batch_size, 1, 0, 0, total_steps)
     batches = train_batches(stream, micro, torch.device("cpu"))
     in_memory = [next(batches)]  # also waits out the stream's start-up, which is not what is measured
     steady = iter(lambda: in_memory[0], None)
-    optimizer_step(model, optimizer, scheduler, steady, cfg.train.grad_accum_steps, cfg.train.grad_clip)
+    optimizer_step(model, optimizer, scheduler, steady, cfg.train.grad_accum_steps(), cfg.train.grad_clip)
     iterate, train = [], []
     for _ in range(config["repeats"]):
         # Delivery: an epoch's worth of batches pulled with no work between them.
@@ -139,11 +139,11 @@ def main() -> None:
                 "pass": ratio >= TARGET_RATIO and wait <= TARGET_WAIT,
                 "iterator_tok_s": round(statistics.median(measured["iterate"])),
                 "train_tok_s": round(statistics.median(measured["train"])),
-                "micro_batch": cfg.train.micro_batch,
+                "micro_batch": cfg.train.micro_batch(),
                 "seq_len": cfg.data.seq_len,
                 "repeats": repeats,
                 "spread": round((max(ratios) - min(ratios)) / ratio, 3),
-                "wait_measured_over_steps": int(1.2 * (summary["train_blocks"] // cfg.train.micro_batch)),
+                "wait_measured_over_steps": int(1.2 * (summary["train_blocks"] // cfg.train.micro_batch())),
                 "cores": local_cores(),
             }
         )

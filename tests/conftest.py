@@ -25,6 +25,8 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("RAYLM_API_KEY", None)
+# MLflow tests log to a file store (no tracking server here); MLflow 3 wants this opt-in for it.
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "tests" / "assets"
@@ -73,6 +75,14 @@ def register_untrained_model(cfg, data: dict, name: str):
     tokenizer_dir = Path(data["data_dir"]) / "tokenizer"
     save_checkpoint(checkpoint, model, tokenizer_dir, optimizer, scheduler, {"step": 0, "tokens_seen": 0}, {})
     return register(RunPaths.of(cfg).registry, name, checkpoint, {})[0]
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: none on this machine (CPU CI skips the GPU paths; run them on a GPU host)")
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,7 @@ class ResourcePlan:
 
 def plan_resources(cfg: Config, embedded: bool, cluster_cpus: float | None = None) -> ResourcePlan:
     """CPUs per training worker, concurrent sweep trials, and (embedded) the cluster's logical CPU count."""
-    workers = cfg.train.num_workers
+    workers = cfg.train.max_workers
     cores = local_cores()
     budget = cores if embedded else max(1, int((cluster_cpus or cores) - INGEST_CPUS))
     trials = cfg.tune.max_concurrent_trials or max(1, min(cfg.tune.num_samples, budget // workers))
@@ -78,11 +78,18 @@ class UnplaceableError(ValueError):
     """The cluster cannot ever place what the config asks for (it would otherwise wait forever)."""
 
 
-def check_placeable(workers: int, cpus_per_worker: int, concurrent: int = 1) -> None:
-    """Fail fast when `concurrent` groups of `workers` x `cpus_per_worker` CPUs can never fit in the cluster."""
+def check_placeable(workers: int, cpus_per_worker: int, gpus_per_worker: float = 0) -> None:
+    """Fail fast when `workers` x `cpus_per_worker` CPUs (and GPUs) can never fit in the cluster."""
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if gpus_per_worker:
+        gpus = [node["Resources"].get("GPU", 0) for node in nodes]
+        if max(gpus, default=0) < gpus_per_worker or sum(gpus) < workers * gpus_per_worker:
+            raise UnplaceableError(
+                f"train.num_workers={workers} x train.gpus_per_worker={gpus_per_worker:g} GPUs, but the cluster "
+                f"has {sum(gpus):g} GPUs (largest node {max(gpus, default=0):g})"
+            )
     largest = max((node["Resources"].get("CPU", 0) for node in nodes), default=0)
     total = sum(node["Resources"].get("CPU", 0) for node in nodes)
     if cpus_per_worker > largest:

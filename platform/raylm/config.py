@@ -115,8 +115,13 @@ class ModelSection(_Section):
     numerically alike)."""
 
 
+DEFAULT_MAX_STEPS = 100
+
+
 class TrainSection(_Section):
-    num_workers: int = Field(1, ge=1, le=1024)
+    num_workers: int | tuple[int, int] = 1
+    """Data-parallel workers: a count, or `[min, max]` for elastic training (Ray Train starts with what fits, at
+    least `min`, and grows towards `max` as nodes join, resuming from the latest checkpoint)."""
     batch_size: int = Field(8, ge=1)
     """The global batch: sequences per optimizer step across all workers."""
     micro_batch_size: int | None = Field(None, ge=1)
@@ -125,13 +130,28 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    max_steps: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps of the run (default 100); or set `epochs` instead."""
+    epochs: float | None = Field(None, gt=0)
+    """Train for this many passes over the training split instead (rounded up to whole steps)."""
     eval_every: int = Field(50, ge=1)
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the forward pass (weights and optimizer stay fp32): `auto` is bf16 on a GPU that has it
+    and fp32 on CPU; `fp16` adds a gradient scaler."""
+    compile: bool = False
+    """`torch.compile` the model (worth it on GPU for long runs; compiling costs minutes up front)."""
     cpus_per_worker: int | None = Field(None, ge=1)
     """CPUs (and torch threads) per worker; default: planned from the machine on an embedded cluster, else 1."""
+    gpus_per_worker: float = Field(0, ge=0)
+    """GPUs per worker (1 for one GPU each; 0 trains on CPU)."""
     max_failures: int = Field(2, ge=0)
-    num_to_keep: int = Field(2, ge=1)
+    num_to_keep: int = Field(2, ge=2)
+    """Checkpoints kept (best by validation loss); at least 2, so a corrupt latest one still leaves one to resume."""
+    tensorboard: bool = True
+    """TensorBoard event files (losses, lr, tokens/s, grad norm) under the run's `train/logs/`."""
+    mlflow_tracking_uri: str | None = None
+    """Also log metrics to MLflow at this tracking URI (needs the `mlflow` extra: `pip install raylm[mlflow]`)."""
 
     @field_validator("lr")
     @classmethod
@@ -140,32 +160,75 @@ class TrainSection(_Section):
             raise ValueError("must be a finite number")
         return lr
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError("must be a worker count or [min, max]") from None
+        if isinstance(value, list | tuple):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError("must be a count or [min, max] of two integers")
+            low, high = value
+            if not 1 <= low <= high:
+                raise ValueError(f"[min, max] needs 1 <= min <= max, got {list(value)}")
+            return low if low == high else (low, high)
+        return value
+
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainSection:
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"train.batch_size={self.batch_size} does not split evenly over "
-                f"train.num_workers={self.num_workers} workers"
-            )
-        per_worker = self.batch_size // self.num_workers
-        if self.micro_batch_size is not None and per_worker % self.micro_batch_size:
-            raise ValueError(
-                f"each worker's share of train.batch_size ({per_worker}) is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
-            )
+        if isinstance(self.num_workers, int) and not 1 <= self.num_workers <= 1024:
+            raise ValueError(f"train.num_workers must be between 1 and 1024, got {self.num_workers}")
+        for workers in self.worker_counts:
+            if self.batch_size % workers:
+                over = (
+                    f"{workers} workers (train.num_workers={list(self.num_workers)} allows {workers})"
+                    if self.elastic
+                    else f"train.num_workers={workers}"
+                )
+                raise ValueError(f"train.batch_size={self.batch_size} does not split evenly over {over}")
+            per_worker = self.batch_size // workers
+            if self.micro_batch_size is not None and per_worker % self.micro_batch_size:
+                raise ValueError(
+                    f"with {workers} workers each worker's share of train.batch_size ({per_worker}) is not a "
+                    f"multiple of train.micro_batch_size={self.micro_batch_size}"
+                )
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give train.max_steps or train.epochs, not both")
         return self
 
     @property
-    def per_worker_batch(self) -> int:
-        return self.batch_size // self.num_workers
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
 
     @property
-    def micro_batch(self) -> int:
-        return self.micro_batch_size or self.per_worker_batch
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @property
-    def grad_accum_steps(self) -> int:
-        return self.per_worker_batch // self.micro_batch
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
+
+    def per_worker_batch(self, world_size: int | None = None) -> int:
+        return self.batch_size // (world_size or self.max_workers)
+
+    def micro_batch(self, world_size: int | None = None) -> int:
+        return self.micro_batch_size or self.per_worker_batch(world_size)
+
+    def grad_accum_steps(self, world_size: int | None = None) -> int:
+        return self.per_worker_batch(world_size) // self.micro_batch(world_size)
+
+    def total_steps(self, train_blocks: int) -> int:
+        """Optimizer steps of the run: `max_steps`, or `epochs` passes over `train_blocks` sequences."""
+        if self.epochs is None:
+            return self.max_steps or DEFAULT_MAX_STEPS
+        return max(1, math.ceil(self.epochs * train_blocks / self.batch_size))
 
 
 SearchSpec = dict[Literal["loguniform", "uniform", "choice", "grid"], list[Any]]

@@ -6,7 +6,15 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(stderr=True, highlight=False)
 
@@ -18,6 +26,8 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
     if total is not None:
         columns += [BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    if total is not None:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total, info="")
 

@@ -69,7 +69,8 @@ def train_driver_per_trial(params: dict[str, Any], base: dict[str, Any], data_di
 
 
 def reports_per_trial(cfg: Config) -> int:
-    return math.ceil(cfg.train.max_steps / cfg.train.eval_every)
+    train_blocks = read_manifest(RunPaths.of(cfg).data)["splits"]["train"]["blocks"]
+    return math.ceil(cfg.train.total_steps(train_blocks) / cfg.train.eval_every)
 
 
 def build_tuner(cfg: Config, plan: ResourcePlan, restore: bool, callbacks: list | None = None):
@@ -121,7 +122,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
 
     paths = RunPaths.of(cfg)
     read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
-    check_placeable(cfg.train.num_workers, plan.trial_cpus_per_worker)
+    check_placeable(cfg.train.min_workers, plan.trial_cpus_per_worker, cfg.train.gpus_per_worker)
     _, reusable = claim_stage(cfg, "tune", restart)
     if reusable and (paths.tune / BEST_FILE).is_file():
         say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")

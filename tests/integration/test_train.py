@@ -4,12 +4,14 @@ import math
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raylm.cluster import plan_resources
 from raylm.data.prepare import run_prepare
 from raylm.runs import RunPaths
 from raylm.train.checkpoint import read_checkpoint_manifest
 from raylm.train.ingest import expected_ledger
+from raylm.train.observe import read_metrics
 from raylm.train.trainer import run_train
 from tests.conftest import tiny_overrides
 
@@ -45,6 +47,20 @@ def test_two_workers_loss_falls_and_checkpoint_loads(prepared):
         expected = expected_ledger(data["data_dir"], cfg.train.seed, cfg.train.batch_size, 2, rank, cfg.train.max_steps)
         assert ledgers[rank] == expected.state()
     assert summary["samples_consumed"] == cfg.train.max_steps * cfg.train.batch_size
+
+    # Observability: every worker's peak memory, TensorBoard events, a metrics log and a loss curve.
+    assert [w["rank"] for w in summary["workers"]] == [0, 1]
+    assert all(100 < w["peak_rss_mib"] < 8000 and w["peak_gpu_mib"] is None for w in summary["workers"])
+    logs = RunPaths.of(cfg).train.local / "logs"
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, cfg.train.max_steps + 1))
+    assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
+    assert events.Scalars("val/loss")[-1].value == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "system/peak_rss_mib"} <= set(events.Tags()["scalars"])
+    records = read_metrics(RunPaths.of(cfg).train / "logs")
+    assert records[-1]["rank1_peak_rss_mib"] == summary["workers"][1]["peak_rss_mib"]
+    assert Path(summary["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
 
     # Running the same run again reuses the finished result instead of training again.
     assert run_train(cfg, plan) == summary

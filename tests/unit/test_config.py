@@ -16,7 +16,7 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.train.num_workers == 2
     assert cfg.data.paths == ["a.jsonl", "b*.jsonl"]
-    assert cfg.train.per_worker_batch == 4 and cfg.train.micro_batch == 4 and cfg.train.grad_accum_steps == 1
+    assert cfg.train.per_worker_batch() == 4 and cfg.train.micro_batch() == 4 and cfg.train.grad_accum_steps() == 1
 
 
 def test_string_fields_stay_strings():
@@ -62,7 +62,38 @@ def test_global_batch_must_split_over_workers():
     ):
         load_config(None, ["train.batch_size=16", "train.num_workers=2", "train.micro_batch_size=3"])
     cfg = load_config(None, ["train.batch_size=16", "train.num_workers=2", "train.micro_batch_size=2"])
-    assert cfg.train.grad_accum_steps == 4
+    assert cfg.train.grad_accum_steps() == 4
+
+
+def test_elastic_worker_range_must_split_the_batch_for_every_count():
+    cfg = load_config(None, ["train.num_workers=[1, 2]", "train.batch_size=8", "train.micro_batch_size=2"])
+    assert cfg.train.elastic and list(cfg.train.worker_counts) == [1, 2]
+    assert cfg.train.grad_accum_steps(1) == 4 and cfg.train.grad_accum_steps(2) == 2
+    with pytest.raises(ConfigError, match=r"batch_size=8 does not split evenly over 3 workers \(train.num_workers="):
+        load_config(None, ["train.num_workers=[2, 4]", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"with 2 workers each worker's share of train.batch_size \(6\)"):
+        load_config(None, ["train.num_workers=[1, 3]", "train.batch_size=12", "train.micro_batch_size=4"])
+    for bad in ("[2, 1]", "[0, 2]", "[1, 2, 3]"):
+        with pytest.raises(ConfigError, match=r"train\.num_workers: "):
+            load_config(None, [f"train.num_workers={bad}"])
+    assert load_config(None, ["train.num_workers=[2, 2]"]).train.num_workers == 2
+
+
+def test_epochs_or_max_steps():
+    cfg = load_config(None, ["train.epochs=2.5", "train.batch_size=8"])
+    assert cfg.train.total_steps(100) == 32  # ceil(2.5 * 100 / 8)
+    assert load_config(None, []).train.total_steps(100) == 100
+    assert load_config(None, ["train.max_steps=7"]).train.total_steps(10**6) == 7
+    with pytest.raises(ConfigError, match=r"give train\.max_steps or train\.epochs, not both"):
+        load_config(None, ["train.epochs=1", "train.max_steps=5"])
+
+
+def test_precision_and_checkpoints_kept():
+    assert load_config(None, ["train.precision=bf16"]).train.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"train\.num_to_keep: Input should be greater than or equal to 2"):
+        load_config(None, ["train.num_to_keep=1"])
 
 
 def test_tune_space_is_checked():

@@ -33,19 +33,22 @@ def save_checkpoint(
     scheduler,
     position: dict[str, Any],
     metrics: dict[str, Any],
+    scaler=None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
     for item in tokenizer_dir.iterdir():
         shutil.copy2(item, directory / item.name)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        directory / TRAIN_STATE,
-    )
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, directory / TRAIN_STATE)
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != CHECKPOINT_MANIFEST}
     write_json(
         directory / CHECKPOINT_MANIFEST,
@@ -107,7 +110,7 @@ def read_checkpoint_manifest(directory: Location | Path | str) -> dict[str, Any]
     return read_json(Location.parse(directory) / CHECKPOINT_MANIFEST)
 
 
-def restore_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def restore_checkpoint(directory: Path, model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
     """Load weights and optimizer/scheduler/RNG state into the given objects; return the recorded position."""
     from safetensors.torch import load_model
 
@@ -120,8 +123,13 @@ def restore_checkpoint(directory: Path, model, optimizer, scheduler) -> dict[str
     untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
     if untied or unexpected:
         raise RuntimeError(f"cannot resume from {directory}: missing {untied}, unexpected {unexpected}")
-    state = torch.load(directory / TRAIN_STATE, weights_only=True)
+    # Loaded on the CPU: the optimizer moves its state to the parameters' device itself.
+    state = torch.load(directory / TRAIN_STATE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return read_checkpoint_manifest(directory)

@@ -1,9 +1,11 @@
 """The training loop that runs on every Ray Train worker (DDP over gloo on CPU, NCCL on GPU).
 
 Each optimizer step consumes the global `train.batch_size` sequences: every worker runs `grad_accum_steps` micro
-batches of `micro_batch` sequences (gradients synchronised on the last one only). Every `eval_every` steps, and at
-the end, all workers compute the validation loss over the whole validation split and report it; rank 0 attaches a
-checkpoint. Every worker reports at the same steps, so the reports (which are collective) line up.
+batches of `micro_batch` sequences (gradients synchronised on the last one only), under bf16/fp16 autocast where
+configured. Every `eval_every` steps, and at the end, all workers compute the validation loss over the whole
+validation split and report it; rank 0 attaches a checkpoint and logs metrics. Every worker reports at the same
+steps, so the reports (which are collective) line up. The worker count comes from Ray Train at start-up: with an
+elastic `[min, max]` range a restart may bring another count, and the global batch is split over what there is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from raylm.models import build_model
 from raylm.storage import Location
 from raylm.train.checkpoint import restore_checkpoint, resume_checkpoint, save_checkpoint
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
+from raylm.train.observe import LOGS_DIR, RunLogger, peak_gpu_mib, peak_rss_mib
 
 
 def lm_loss(model, blocks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -47,6 +51,30 @@ def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
     return factor
 
 
+@dataclass
+class MixedPrecision:
+    """Autocast for the forward pass (weights, gradients and optimizer stay fp32) and, for fp16, a gradient scaler."""
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def mixed_precision(precision: str, device: torch.device) -> MixedPrecision:
+    """`train.precision` on this device: `auto` is bf16 on a GPU that supports it, else fp32."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    return MixedPrecision(device.type, dtype, scaler)
+
+
 def _blocks(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     return batch[TOKEN_COLUMN].to(device=device, dtype=torch.long)
 
@@ -55,18 +83,26 @@ def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tu
     """(blocks, block ids) micro batches of the rank's stream, in order (a step's share is whole micro batches)."""
     for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=8):
         yield _blocks(batch, device), batch[ROW_COLUMN].numpy()
-    raise RuntimeError("the training stream ended before max_steps")
+    raise RuntimeError("the training stream ended before the last step")
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+def evaluate(
+    model,
+    blocks: torch.Tensor,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    amp: MixedPrecision | None = None,
+) -> dict[str, float]:
     """Mean loss over every token of the validation blocks: each rank takes a disjoint share, sums are all-reduced."""
     model.eval()
     mine = blocks[rank::world_size]
     sums = torch.zeros(2, dtype=torch.float64, device=blocks.device)
     for start in range(0, len(mine), batch_size):
         batch = mine[start : start + batch_size].to(dtype=torch.long)
-        sums[0] += lm_loss(model, batch, reduction="sum").item()
+        with (amp or MixedPrecision()).autocast():
+            sums[0] += lm_loss(model, batch, reduction="sum").item()
         sums[1] += batch[:, 1:].numel()
     if world_size > 1:
         torch.distributed.all_reduce(sums)
@@ -82,53 +118,64 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: Config = validate_config(config["cfg"])
     train = cfg.train
     data_dir = Location.parse(config["data_dir"])
+    run_dir: Location = config["run_dir"]
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     manifest = read_manifest(data_dir)
     tokenizer = manifest["tokenizer"]
+    total_steps = train.total_steps(manifest["splits"]["train"]["blocks"])
 
     torch.manual_seed(train.seed)
     model = build_model(
         cfg.model, tokenizer["vocab_size"], manifest["seq_len"], tokenizer["eos_id"], tokenizer["pad_id"]
+    ).to(device)  # before the optimizer exists, so that its state lives where the parameters do
+    amp = mixed_precision(train.precision, device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",  # one kernel for the whole update on GPU
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, total_steps))
     position: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     ledger = DataLedger()
     latest = ray.train.get_checkpoint()
-    source, warning = resume_checkpoint(
-        Location(latest.filesystem, latest.path) if latest else None, Location.parse(config["run_dir"])
-    )
+    source, warning = resume_checkpoint(Location(latest.filesystem, latest.path) if latest else None, run_dir)
     if warning:
         print(f"raylm: {warning}", file=sys.stderr, flush=True)
     if source:
         local = source.local if source.is_local else source.download(Path(tempfile.mkdtemp(prefix="raylm-resume-")))
-        recorded = restore_checkpoint(local, model, optimizer, scheduler)
+        recorded = restore_checkpoint(local, model, optimizer, scheduler, amp.scaler)
         position = {"step": recorded["step"], "tokens_seen": recorded["tokens_seen"]}
         ledgers = recorded.get("ledgers") or []
-        if len(ledgers) == context.get_world_size():
+        # After an elastic resize the ranks read other slices: their ledgers start afresh.
+        if len(ledgers) == world:
             ledger = DataLedger(**ledgers[rank])
+    if train.compile:
+        model.compile()  # in place: the state dict keeps its names, so checkpoints stay plain HF directories
     model = ray.train.torch.prepare_model(model)
     raw_model = getattr(model, "module", model)
-    progress = _progress_actor(config.get("progress_actor"))
+    progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
+    logger = _run_logger(cfg, run_dir) if rank == 0 else None
 
-    world = context.get_world_size()
-    stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], train.max_steps)
-    batches = train_batches(stream, train.micro_batch, device)
+    micro, accum = train.micro_batch(world), train.grad_accum_steps(world)
+    stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], total_steps)
+    batches = train_batches(stream, micro, device)
     rows = manifest["splits"]["train"]["blocks"]
     # The validation split is small next to the training set: every rank reads it once, keeps it in memory, and
     # evaluates its own share each time (re-streaming it through Ray Data per evaluation costs seconds each time).
-    val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64"))
+    val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64")).to(device)
     tokens_per_step = train.batch_size * manifest["seq_len"]
-    started = time.monotonic()
     # Checkpoints carry the tokenizer; rank 0 keeps a local copy of it to add to each one.
     tokenizer_dir = (
         (data_dir / tokenizer["dir"]).download(Path(tempfile.mkdtemp(prefix="raylm-tok-"))) if rank == 0 else None
     )
-    while position["step"] < train.max_steps:
-        loss, used = optimizer_step(model, optimizer, scheduler, batches, train.grad_accum_steps, train.grad_clip)
+    window = _RateWindow()
+    while position["step"] < total_steps:
+        loss, grad_norm, used = optimizer_step(model, optimizer, scheduler, batches, accum, train.grad_clip, amp)
         ledger.add(used)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
@@ -141,35 +188,107 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "tokens_seen": position["tokens_seen"],
             "train_loss": loss,
             "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": window.rate(tokens_per_step),
         }
-        if progress and rank == 0:
-            elapsed = time.monotonic() - started
-            progress.update.remote({**metrics, "tokens_per_s": position["tokens_seen"] / max(elapsed, 1e-9)})
-        if step % train.eval_every == 0 or step == train.max_steps:
-            metrics.update(evaluate(raw_model, val_blocks.to(device), train.micro_batch, rank, world))
+        evaluating = step % train.eval_every == 0 or step == total_steps
+        if evaluating:
+            metrics.update(evaluate(raw_model, val_blocks, micro, rank, world, amp))
+            workers = _gather(_worker_memory(rank, device), world)
+            metrics.update(_memory_metrics(workers))
             position["ledgers"] = _gather(ledger.state(), world)
-            _report(metrics, rank, raw_model, tokenizer_dir, optimizer, scheduler, position)
-            if progress and rank == 0:
-                progress.update.remote(metrics)
+            position["workers"] = workers
+        if rank == 0:
+            logger.log(step, metrics)
+            if progress:
+                progress.update.remote({**metrics, "total_steps": total_steps})
+        if evaluating:
+            if logger:
+                logger.flush()
+            _report(metrics, rank, raw_model, tokenizer_dir, optimizer, scheduler, position, amp.scaler)
+            window.restart()  # evaluation and checkpointing are not training throughput
+    if logger:
+        logger.close()
 
 
-def optimizer_step(model, optimizer, scheduler, batches, accum: int, grad_clip: float) -> tuple[float, np.ndarray]:
-    """One optimizer step over `accum` micro batches; returns the mean loss and the ids of the blocks it used."""
-    total, rows = 0.0, []
+class _RateWindow:
+    """Training tokens/s since the last (re)start, excluding evaluation and checkpoint time."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.tokens = time.monotonic(), 0
+
+    def rate(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+
+
+def optimizer_step(
+    model,
+    optimizer,
+    scheduler,
+    batches,
+    accum: int,
+    grad_clip: float,
+    amp: MixedPrecision | None = None,
+) -> tuple[float, float, np.ndarray]:
+    """One optimizer step over `accum` micro batches; returns the mean loss, the gradient norm before clipping and
+    the ids of the blocks it used."""
+    amp = amp or MixedPrecision()
+    total = torch.zeros((), device=next(model.parameters()).device)
+    rows = []
     for micro in range(accum):
         blocks, ids = next(batches)
         rows.append(ids)
         # Synchronise gradients across workers only on the last micro batch.
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
-            loss = lm_loss(model, blocks) / accum
-            loss.backward()
-        total += loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+            with amp.autocast():
+                loss = lm_loss(model, blocks) / accum
+            (amp.scaler.scale(loss) if amp.scaler else loss).backward()
+        total += loss.detach()
+    if amp.scaler:
+        amp.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if amp.scaler:
+        amp.scaler.step(optimizer)
+        amp.scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, np.concatenate(rows)
+    # One device sync per step, for both numbers.
+    loss_value, norm_value = torch.stack([total, grad_norm.to(total.dtype)]).tolist()
+    return loss_value, norm_value, np.concatenate(rows)
+
+
+def _worker_memory(rank: int, device: torch.device) -> dict[str, Any]:
+    import ray
+
+    return {
+        "rank": rank,
+        "node": ray.get_runtime_context().get_node_id()[:12],
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_gpu_mib": None if (gpu := peak_gpu_mib(device)) is None else round(gpu, 1),
+    }
+
+
+def _memory_metrics(workers: list[dict[str, Any]]) -> dict[str, float]:
+    """Rank 0's peak memory as `peak_rss_mib` (and GPU), and every rank's as `rank<N>_peak_rss_mib`."""
+    metrics: dict[str, float] = {"peak_rss_mib": workers[0]["peak_rss_mib"]}
+    if workers[0]["peak_gpu_mib"] is not None:
+        metrics["peak_gpu_mib"] = workers[0]["peak_gpu_mib"]
+    for worker in workers:
+        metrics[f"rank{worker['rank']}_peak_rss_mib"] = worker["peak_rss_mib"]
+    return metrics
+
+
+def _run_logger(cfg: Config, run_dir: Location) -> RunLogger:
+    params = {f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items()}
+    params.update({"model.preset": cfg.model.preset, "model.pretrained": cfg.model.pretrained})
+    return RunLogger(run_dir / LOGS_DIR, cfg.train.tensorboard, cfg.train.mlflow_tracking_uri, cfg.run.name, params)
 
 
 def _gather(value: Any, world_size: int) -> list[Any]:
@@ -181,14 +300,14 @@ def _gather(value: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def _report(metrics, rank, model, tokenizer_dir, optimizer, scheduler, position) -> None:
+def _report(metrics, rank, model, tokenizer_dir, optimizer, scheduler, position, scaler) -> None:
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
-        save_checkpoint(Path(directory), model, tokenizer_dir, optimizer, scheduler, position, metrics)
+        save_checkpoint(Path(directory), model, tokenizer_dir, optimizer, scheduler, position, metrics, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

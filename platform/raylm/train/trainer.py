@@ -7,6 +7,7 @@ so `raylm train` run twice with the same `run.name` continues where the first st
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -24,8 +25,11 @@ from raylm.runs import RunPaths, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.checkpoint import read_checkpoint_manifest, resume_checkpoint
 from raylm.train.loop import train_loop_per_worker
+from raylm.train.observe import LOGS_DIR, LOSS_CURVE, plot_loss_curve, read_metrics
 
 RESULT_FILE = "result.json"
+# How often an elastic run checks whether more workers could be placed (Ray's default is 60 s).
+ELASTIC_RESIZE_INTERVAL_S = float(os.environ.get("RAYLM_ELASTIC_RESIZE_INTERVAL_S", "60"))
 
 
 class TrainingFailed(RuntimeError):
@@ -59,7 +63,7 @@ def build_trainer(
     callbacks: list | None = None,
     progress_actor: str | None = None,
 ):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -72,7 +76,7 @@ def build_trainer(
             "progress_actor": progress_actor,
             "run_dir": storage_path / name,  # a Location: any filesystem, not only those with a URI scheme
         },
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=scaling_config(cfg, cpus_per_worker),
         run_config=RunConfig(
             name=name,
             # The location's own filesystem, so that any pyarrow filesystem works (and credentials set on it).
@@ -87,10 +91,27 @@ def build_trainer(
     )
 
 
+def scaling_config(cfg: Config, cpus_per_worker: int):
+    from ray.train import ScalingConfig
+
+    train = cfg.train
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if train.gpus_per_worker:
+        resources["GPU"] = train.gpus_per_worker
+    return ScalingConfig(
+        # An elastic [min, max] range passes through: Ray Train starts with what fits and grows as nodes join.
+        num_workers=train.num_workers,
+        use_gpu=train.gpus_per_worker > 0,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=ELASTIC_RESIZE_INTERVAL_S,
+    )
+
+
 def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str, Any]:
     paths = RunPaths.of(cfg)
-    read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
-    check_placeable(cfg.train.num_workers, plan.cpus_per_worker)
+    manifest = read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
+    total_steps = cfg.train.total_steps(manifest["splits"]["train"]["blocks"])
+    check_placeable(cfg.train.min_workers, plan.cpus_per_worker, gpus_per_worker=cfg.train.gpus_per_worker)
     _, reusable = claim_stage(cfg, "train", restart)
     if reusable and (paths.train / RESULT_FILE).is_file():
         say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
@@ -101,20 +122,31 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
         _, warning = resume_checkpoint(_latest_reported(paths.train), paths.train)
         if warning:
             say(f"[yellow]warning:[/yellow] {warning}")
+    workers = f"{cfg.train.min_workers}-{cfg.train.max_workers}" if cfg.train.elastic else cfg.train.num_workers
+    gpus = f" + {cfg.train.gpus_per_worker:g} GPU" if cfg.train.gpus_per_worker else ""
     say(
-        f"train: {cfg.train.num_workers} worker(s) x {plan.cpus_per_worker} CPU, {cfg.train.max_steps} steps"
+        f"train: {workers} worker(s) x {plan.cpus_per_worker} CPU{gpus}, {total_steps} steps"
         + (" (resuming from the last checkpoint)" if resumed else "")
     )
     started = time.monotonic()
-    with live_progress(cfg.train.max_steps) as actor_name:
+    with live_progress(total_steps) as actor_name:
         trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
         try:
             result = fit_interruptibly(trainer)
         except TrainingFailedError as err:
             raise TrainingFailed(explain_failure(err, cfg.train.max_failures)) from err
     summary = summarize(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
+    summary["loss_curve"] = _draw_loss_curve(paths.train / LOGS_DIR, cfg.run.name)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
+
+
+def _draw_loss_curve(logs: Location, run_name: str) -> str | None:
+    records = read_metrics(logs)
+    if not records:
+        return None
+    plot_loss_curve(records, logs / LOSS_CURVE, f"raylm train: {run_name}")
+    return str(logs / LOSS_CURVE)
 
 
 def _latest_reported(run_dir: Location) -> Location | None:
@@ -162,6 +194,8 @@ def summarize(checkpoint_dir: Location, started: float, resumed: bool = False) -
         "val_ppl": metrics.get("val_ppl"),
         "resumed": resumed,
         "seconds": round(time.monotonic() - started, 2),
+        # Peak memory of every worker over the run (the kernel's high-water marks, and the GPU allocator's).
+        "workers": recorded.get("workers"),
     }
 
 
