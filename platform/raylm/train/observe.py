@@ -1,7 +1,7 @@
 """What a training run leaves behind to look at, under its `logs/` directory.
 
     events.out.tfevents.*   TensorBoard: train/val loss, lr, tokens/s, grad norm, peak memory (`tensorboard --logdir`)
-    metrics.jsonl           the same metrics, one JSON object per step (what the loss-curve PNG is drawn from)
+    metrics.jsonl           the same metrics with the wall-clock time, one JSON object per step (the PNG's source)
     loss_curve.png          train and validation loss against steps, drawn by the driver when the run ends
 
 Rank 0 writes them. On a remote `run.dir` they are written locally and uploaded at every checkpoint. A resumed run
@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "step"}
-        self.metrics.write(json.dumps({"step": step, **numbers}) + "\n")
+        self.metrics.write(json.dumps({"step": step, "time": round(time.time(), 3), **numbers}) + "\n")
         if self.writer is not None:
             for name, value in numbers.items():
                 if name in TENSORBOARD_TAGS:
