@@ -25,7 +25,7 @@ def _micro_batches(blocks: torch.Tensor, size: int):
 
 def test_auto_precision_is_fp32_on_cpu_and_fp16_brings_a_scaler():
     cpu = torch.device("cpu")
-    assert mixed_precision("auto", cpu).dtype is None
+    assert mixed_precision("auto", cpu).dtype is None and mixed_precision("auto", cpu).name == "fp32"
     assert mixed_precision("bf16", cpu).dtype is torch.bfloat16 and mixed_precision("bf16", cpu).scaler is None
     fp16 = mixed_precision("fp16", cpu)
     assert fp16.dtype is torch.float16 and isinstance(fp16.scaler, torch.amp.GradScaler)

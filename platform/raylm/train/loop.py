@@ -58,6 +58,7 @@ class MixedPrecision:
     device_type: str = "cpu"
     dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    name: str = "fp32"
 
     def autocast(self):
         if self.dtype is None:
@@ -72,17 +73,16 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecision:
         precision = "bf16" if bf16 else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
-    return MixedPrecision(device.type, dtype, scaler)
-
-
-def _blocks(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    return batch[TOKEN_COLUMN].to(device=device, dtype=torch.long)
+    return MixedPrecision(device.type, dtype, scaler, precision)
 
 
 def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """(blocks, block ids) micro batches of the rank's stream, in order (a step's share is whole micro batches)."""
-    for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=8):
-        yield _blocks(batch, device), batch[ROW_COLUMN].numpy()
+    """(blocks, block ids) micro batches of the rank's stream, in order (a step's share is whole micro batches).
+    Batches arrive on the CPU (pinned on GPU hosts) and only the tokens go to the device, without blocking: the
+    block ids stay on the host for the ledger, so no device-to-host copy stalls the step."""
+    cuda = device.type == "cuda"
+    for batch in stream.iter_torch_batches(batch_size=micro_batch, prefetch_batches=8, device="cpu", pin_memory=cuda):
+        yield batch[TOKEN_COLUMN].to(device=device, non_blocking=cuda).long(), batch[ROW_COLUMN].numpy()
     raise RuntimeError("the training stream ended before the last step")
 
 
@@ -120,6 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data_dir = Location.parse(config["data_dir"])
     run_dir: Location = config["run_dir"]
     torch.set_num_threads(config["threads"])
+    # TF32 for whatever matmuls stay in fp32 on a GPU (the bf16 autocast path does not need it).
+    torch.set_float32_matmul_precision("high")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -154,13 +156,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # After an elastic resize the ranks read other slices: their ledgers start afresh.
         if len(ledgers) == world:
             ledger = DataLedger(**ledgers[rank])
-    if train.compile:
-        model.compile()  # in place: the state dict keeps its names, so checkpoints stay plain HF directories
     model = ray.train.torch.prepare_model(model)
     raw_model = getattr(model, "module", model)
     progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
     logger = _run_logger(cfg, run_dir) if rank == 0 else None
 
+    # Compiled: the forward pass and the loss as one graph (the cross-entropy fuses with the logits instead of
+    # materialising them in fp32). The module itself is untouched, so checkpoints stay plain HF directories, and
+    # evaluation runs eagerly (no recompilation for eval mode or a short last batch).
+    loss_fn = torch.compile(lm_loss) if train.compile else lm_loss
     micro, accum = train.micro_batch(world), train.grad_accum_steps(world)
     stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], total_steps)
     batches = train_batches(stream, micro, device)
@@ -175,7 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     window = _RateWindow()
     while position["step"] < total_steps:
-        loss, grad_norm, used = optimizer_step(model, optimizer, scheduler, batches, accum, train.grad_clip, amp)
+        loss, grad_norm, used = optimizer_step(
+            model, optimizer, scheduler, batches, accum, train.grad_clip, amp, loss_fn
+        )
         ledger.add(used)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
@@ -194,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         evaluating = step % train.eval_every == 0 or step == total_steps
         if evaluating:
             metrics.update(evaluate(raw_model, val_blocks, micro, rank, world, amp))
-            workers = _gather(_worker_memory(rank, device), world)
+            workers = _gather(_worker_facts(rank, device, amp), world)
             metrics.update(_memory_metrics(workers))
             position["ledgers"] = _gather(ledger.state(), world)
             position["workers"] = workers
@@ -233,6 +239,7 @@ def optimizer_step(
     accum: int,
     grad_clip: float,
     amp: MixedPrecision | None = None,
+    loss_fn=lm_loss,
 ) -> tuple[float, float, np.ndarray]:
     """One optimizer step over `accum` micro batches; returns the mean loss, the gradient norm before clipping and
     the ids of the blocks it used."""
@@ -246,7 +253,7 @@ def optimizer_step(
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             with amp.autocast():
-                loss = lm_loss(model, blocks) / accum
+                loss = loss_fn(model, blocks) / accum
             (amp.scaler.scale(loss) if amp.scaler else loss).backward()
         total += loss.detach()
     if amp.scaler:
@@ -264,12 +271,16 @@ def optimizer_step(
     return loss_value, norm_value, np.concatenate(rows)
 
 
-def _worker_memory(rank: int, device: torch.device) -> dict[str, Any]:
+def _worker_facts(rank: int, device: torch.device, amp: MixedPrecision) -> dict[str, Any]:
     import ray
 
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return {
         "rank": rank,
         "node": ray.get_runtime_context().get_node_id()[:12],
+        "device": str(device),
+        "precision": amp.name,
+        "backend": torch.distributed.get_backend() if distributed else None,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "peak_gpu_mib": None if (gpu := peak_gpu_mib(device)) is None else round(gpu, 1),
     }
