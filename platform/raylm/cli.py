@@ -2,7 +2,7 @@
 
 Every verb prints exactly one JSON line on stdout (what it produced), so scripts can chain stages; progress and
 Ray's own output go to stderr. Exit codes: 0 done, 1 failed (the message says why), 2 bad config or usage
-(found before anything is submitted to a cluster), 130 interrupted.
+(found before anything is submitted to a cluster), 130 interrupted (143 on SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +129,7 @@ def run_stage(
     config_errors, user_errors = _error_kinds()
     _summary_stream = sys.stdout
 
+    terminated = _stop_gracefully_on_sigterm()
     try:
         if preflight:
             preflight()
@@ -140,7 +143,8 @@ def run_stage(
     except config_errors as err:
         fail(str(err), 2)
     except KeyboardInterrupt:
-        fail("interrupted: stopped the stage and what it started; run the same command again to resume", 130)
+        code = 143 if terminated.is_set() else 130
+        fail("interrupted: stopped the stage and what it started; run the same command again to resume", code)
     except Exception as err:
         cause = _user_error_inside(err, config_errors + user_errors)
         if cause is not None:
@@ -150,6 +154,20 @@ def run_stage(
         # A failure inside Ray (a worker, a trial): its message, without pages of driver-side stack.
         fail(f"{type(err).__name__}: {err}\n(run again with --verbose for Ray's logs and the full traceback)", 1)
     raise AssertionError("unreachable")
+
+
+def _stop_gracefully_on_sigterm() -> threading.Event:
+    """SIGTERM (`ray job stop`, `kill`, a scheduler's preemption) takes the Ctrl-C path: stop what the stage
+    started and exit 143, leaving the run to resume from its last checkpoint."""
+    terminated = threading.Event()
+
+    def handler(signum, frame) -> None:
+        terminated.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return terminated
 
 
 def run_resumable_stage(

@@ -62,6 +62,7 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
     return {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
 
 
+SHARDS_FILE = "shards.json"
 # Each stage's directory (a RunPaths property) and globs of its durable results inside it.
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "prepare": ("data", ("manifest.json",)),
@@ -114,6 +115,23 @@ def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool]
         wanted = stage_config(cfg, stage)
         write_json(directory / STAGE_FILE, {"stage": stage, "hash": fingerprint(wanted), "config": wanted})
     return directory, reusable
+
+
+def check_same_shards(cfg: Config, stage: str, manifest: dict[str, Any], reusable: bool) -> None:
+    """A stage that resumes must go on with the shards it started on. Preparing again with changed inputs (the same
+    data config, other file contents) rebuilds the shards, and a resumed run would silently mix two datasets."""
+    from raylm.data.shards import shards_fingerprint  # runs.py stays importable without the data stack
+
+    directory = getattr(RunPaths.of(cfg), STAGES[stage][0])
+    marker = directory / SHARDS_FILE
+    digest = shards_fingerprint(manifest)
+    if reusable and marker.is_file() and read_json(marker)["manifest"] != digest:
+        raise StageConflict(
+            f"{stage}: run '{cfg.run.name}' started on other shards than those in {RunPaths.of(cfg).data} now "
+            "(they were prepared again from changed inputs); use --restart to start over on the new shards, or "
+            "another run.name"
+        )
+    write_json(marker, {"manifest": digest})
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -68,8 +68,10 @@ def test_two_workers_loss_falls_and_checkpoint_loads(prepared):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
-    """Ctrl-C a `raylm train` process after its first checkpoint; the same command again finishes the run."""
+@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path, signal_name, exit_code):
+    """Ctrl-C (or SIGTERM, what `ray job stop` sends) a `raylm train` process after its first checkpoint; it stops
+    cleanly, and the same command again finishes the run."""
     import os
     import signal
     import subprocess
@@ -100,8 +102,8 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
             time.sleep(0.5)
         if not any(train_dir.glob("checkpoint_*")):
             pytest.fail(f"no checkpoint appeared: {process.stderr.read().decode() if process.poll() else 'timeout'}")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=60) == exit_code
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylm.config import fingerprint
 from raylm.runs import read_json
 from raylm.storage import Location
 
@@ -62,6 +63,11 @@ class ShardWriter:
         target = self.directory / name
         pq.write_table(pa.table({TOKEN_COLUMN: column}), target.path, filesystem=target.fs)
         self.shards.append({"file": name, "rows": int(rows)})
+
+
+def shards_fingerprint(manifest: dict[str, Any]) -> str:
+    """What identifies the shards' contents: the manifest without when it was written and how long it took."""
+    return fingerprint({k: v for k, v in manifest.items() if k not in ("created_at", "seconds")})
 
 
 def read_manifest(data_dir: Location | Path | str) -> dict[str, Any]:

@@ -89,18 +89,17 @@ def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tu
 @torch.no_grad()
 def evaluate(
     model,
-    blocks: torch.Tensor,
+    share: torch.Tensor,
     batch_size: int,
-    rank: int = 0,
     world_size: int = 1,
     amp: MixedPrecision | None = None,
 ) -> dict[str, float]:
-    """Mean loss over every token of the validation blocks: each rank takes a disjoint share, sums are all-reduced."""
+    """Mean loss over every token of the validation split: each rank passes its disjoint `share` of the blocks
+    (`val_share`), and the loss sums and token counts are all-reduced."""
     model.eval()
-    mine = blocks[rank::world_size]
-    sums = torch.zeros(2, dtype=torch.float64, device=blocks.device)
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size].to(dtype=torch.long)
+    sums = torch.zeros(2, dtype=torch.float64, device=share.device)
+    for start in range(0, len(share), batch_size):
+        batch = share[start : start + batch_size].long()
         with (amp or MixedPrecision()).autocast():
             sums[0] += lm_loss(model, batch, reduction="sum").item()
         sums[1] += batch[:, 1:].numel()
@@ -109,6 +108,13 @@ def evaluate(
     model.train()
     loss = (sums[0] / sums[1].clamp(min=1)).item()
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+
+
+def val_share(data_dir: Location, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's validation blocks (every `world_size`-th from `rank`), kept in the shards' compact dtype: a
+    rank holds 1/world of the split, read once and evaluated in place each time (re-streaming it through Ray Data
+    per evaluation costs seconds each time)."""
+    return torch.from_numpy(np.ascontiguousarray(read_split_blocks(data_dir, "val")[rank::world_size]))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -169,9 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], total_steps)
     batches = train_batches(stream, micro, device)
     rows = manifest["splits"]["train"]["blocks"]
-    # The validation split is small next to the training set: every rank reads it once, keeps it in memory, and
-    # evaluates its own share each time (re-streaming it through Ray Data per evaluation costs seconds each time).
-    val_blocks = torch.from_numpy(read_split_blocks(data_dir, "val").astype("int64")).to(device)
+    val_blocks = val_share(data_dir, rank, world).to(device)
     tokens_per_step = train.batch_size * manifest["seq_len"]
     # Checkpoints carry the tokenizer; rank 0 keeps a local copy of it to add to each one.
     tokenizer_dir = (
@@ -199,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         evaluating = step % train.eval_every == 0 or step == total_steps
         if evaluating:
-            metrics.update(evaluate(raw_model, val_blocks, micro, rank, world, amp))
+            metrics.update(evaluate(raw_model, val_blocks, micro, world, amp))
             workers = _gather(_worker_facts(rank, device, amp), world)
             metrics.update(_memory_metrics(workers))
             position["ledgers"] = _gather(ledger.state(), world)

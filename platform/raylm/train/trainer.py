@@ -21,7 +21,7 @@ from raylm.cluster import ResourcePlan, check_placeable
 from raylm.config import Config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
-from raylm.runs import RunPaths, claim_stage, read_json, write_json
+from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.checkpoint import read_checkpoint_manifest, resume_checkpoint
 from raylm.train.loop import train_loop_per_worker
@@ -113,6 +113,7 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     total_steps = cfg.train.total_steps(manifest["splits"]["train"]["blocks"])
     check_placeable(cfg.train.min_workers, plan.cpus_per_worker, gpus_per_worker=cfg.train.gpus_per_worker)
     _, reusable = claim_stage(cfg, "train", restart)
+    check_same_shards(cfg, "train", manifest, reusable)
     if reusable and (paths.train / RESULT_FILE).is_file():
         say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
         return read_json(paths.train / RESULT_FILE)
