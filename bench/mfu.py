@@ -124,7 +124,7 @@ def main() -> None:
          "train.batch_size=8", "train.micro_batch_size=4", "train.precision=fp32"]
         if args.smoke
         else ["model.preset=gpt2-small", "data.seq_len=1024", "data.max_bytes=40000000",
-              "data.tokenizer.vocab_size=50257", "data.tokenizer.sample_bytes=16000000",
+              "data.tokenizer.vocab_size=50257", "data.tokenizer.sample_bytes=16000000", "model.vocab_multiple=128",
               "train.batch_size=64", "train.micro_batch_size=64", "train.precision=bf16", "train.compile=true",
               "train.gpus_per_worker=1"]
     )  # fmt: skip

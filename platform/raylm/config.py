@@ -110,6 +110,10 @@ class ModelSection(_Section):
     pretrained: str | None = None
     """A local model directory or hub id to fine-tune; overrides `preset`."""
     trust_remote_code: bool = False
+    vocab_multiple: int = Field(1, ge=1, le=1024)
+    """Round a preset's embedding rows up to a multiple of this (64 or 128 on GPU: tensor cores run aligned
+    shapes much faster, as nanoGPT's 50304 for GPT-2's 50257). The extra ids never occur in the data and serving
+    never samples them."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout of a preset model (pretraining usually wants none: it also keeps runs with different worker counts
     numerically alike)."""

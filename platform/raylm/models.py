@@ -46,6 +46,7 @@ def build_model(section: ModelSection, vocab_size: int, seq_len: int, eos_id: in
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         return model
+    vocab_size = -(-vocab_size // section.vocab_multiple) * section.vocab_multiple
     if section.preset in LLAMA_PRESETS:
         return _llama(section, vocab_size, seq_len, eos_id, pad_id)
     from transformers import GPT2Config, GPT2LMHeadModel

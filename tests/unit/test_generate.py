@@ -41,3 +41,20 @@ def test_seeded_sampling_repeats_and_stop_strings_cut():
         stop = free.text[1]
         cut = generate_batch(model, tokenizer, [GenerationRequest(ids, 10, temperature=0, stop=[stop])])[0]
         assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def test_padded_embedding_rows_are_never_sampled():
+    """`model.vocab_multiple` pads the embedding past the tokenizer: make the padded ids the most likely and check
+    that generation still only returns the tokenizer's ids."""
+    torch.manual_seed(0)
+    tokenizer = train_bpe(TEXTS, vocab_size=300)
+    section = ModelSection(vocab_multiple=128)
+    model = build_model(section, len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id).eval()
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows % 128 == 0 and rows > len(tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tokenizer) :] = 5.0  # tied: the padded rows win every argmax
+    ids = tokenizer("def", add_special_tokens=False)["input_ids"]
+    for request in (GenerationRequest(ids, 8, temperature=0), GenerationRequest(ids, 8, temperature=1.0, seed=1)):
+        (result,) = generate_batch(model, tokenizer, [request])
+        assert result.token_ids and max(result.token_ids) < len(tokenizer)

@@ -74,6 +74,7 @@ def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[
     outputs: list[list[int]] = [[] for _ in requests]
     finish: list[str | None] = [None] * len(requests)
     past = None
+    vocab = len(tokenizer)  # a model may have padded embedding rows (model.vocab_multiple): never sample them
     for _ in range(max(r.max_new_tokens for r in requests)):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = out.past_key_values
@@ -81,7 +82,7 @@ def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[
         for row, request in enumerate(requests):
             if finish[row] is not None:
                 continue
-            token = _pick(out.logits[row, -1], request, generators[row])
+            token = _pick(out.logits[row, -1, :vocab], request, generators[row])
             next_ids[row, 0] = token
             finish[row] = _finished(tokenizer, request, outputs[row], token, eos_id)
         if all(reason is not None for reason in finish):
