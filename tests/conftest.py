@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -27,6 +28,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("RAYLM_API_KEY", None)
 # MLflow tests log to a file store (no tracking server here); MLflow 3 wants this opt-in for it.
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+
+# A test suite started in the background of a non-interactive shell (`make test &`) inherits SIGINT ignored, and so
+# would every CLI process the tests start and then Ctrl-C: give them the terminal's default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "tests" / "assets"

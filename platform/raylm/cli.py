@@ -129,16 +129,18 @@ def run_stage(
     config_errors, user_errors = _error_kinds()
     _summary_stream = sys.stdout
 
-    terminated = _stop_gracefully_on_sigterm()
+    terminated = threading.Event()
     try:
         if preflight:
             preflight()
         with contextlib.redirect_stdout(_QuietStream(sys.stderr)):
             if not needs_ray:
+                _stop_gracefully_on_sigterm(terminated)
                 return body(cfg)
             from raylm.cluster import ray_session
 
             with ray_session(cfg, address, verbose) as plan:
+                _stop_gracefully_on_sigterm(terminated)  # after ray.init, which installs its own handler
                 return body(cfg, plan)
     except config_errors as err:
         fail(str(err), 2)
@@ -156,18 +158,19 @@ def run_stage(
     raise AssertionError("unreachable")
 
 
-def _stop_gracefully_on_sigterm() -> threading.Event:
+def _stop_gracefully_on_sigterm(terminated: threading.Event) -> None:
     """SIGTERM (`ray job stop`, `kill`, a scheduler's preemption) takes the Ctrl-C path: stop what the stage
-    started and exit 143, leaving the run to resume from its last checkpoint."""
-    terminated = threading.Event()
+    started and exit 143, leaving the run to resume from its last checkpoint. Only the first one interrupts: a
+    second while stopping is ignored, so cleanup is not cut short."""
 
     def handler(signum, frame) -> None:
+        if terminated.is_set():
+            return
         terminated.set()
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
-    return terminated
 
 
 def run_resumable_stage(
