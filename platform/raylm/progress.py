@@ -17,6 +17,9 @@ from rich.progress import (
 )
 
 console = Console(stderr=True, highlight=False)
+if not console.is_terminal:
+    # A log (`ray job logs`, CI, a file) has no width: rich would cut every progress line at 80 columns.
+    console.width = 200
 
 
 @contextlib.contextmanager

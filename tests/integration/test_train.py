@@ -1,6 +1,7 @@
 """train with 2 real Ray Train workers (DDP over gloo) on the prepared shards."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,10 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path, si
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert not (train_dir / "result.json").exists()
+    # The driver's progress line, fed by rank 0: steps, losses, throughput, time left; then how to go on.
+    stderr = process.stderr.read().decode()
+    assert re.search(r"train .*\d+/20 .*loss \d+\.\d+ .*val \d+\.\d+ \(ppl .*tok/s.*eta", stderr), stderr
+    assert "run the same command again to resume" in stderr
 
     summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
     assert summary["resumed"] is True
