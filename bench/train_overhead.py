@@ -35,20 +35,12 @@ TARGET = 0.95
 WINDOWS = 5
 
 
-def platform_tokens_per_s(cfg: Config, plan, repeat: int, steps: int) -> float:
+def platform_tokens_per_s(cfg: Config, plan, steps: int) -> float:
     cfg = cfg.model_copy(
-        update={
-            "run": cfg.run.model_copy(update={"name": f"overhead-{repeat}"}),
-            "train": cfg.train.model_copy(update={"max_steps": steps, "eval_every": steps // WINDOWS}),
-        }
+        update={"train": cfg.train.model_copy(update={"max_steps": steps, "eval_every": steps // WINDOWS})}
     )
-    # Each repeat is its own run over the same shards: link them in rather than tokenizing again.
-    source = RunPaths.of(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "overhead"})})).data
-    target = RunPaths.of(cfg).data
-    target.local.parent.mkdir(parents=True, exist_ok=True)
-    if not target.local.exists():
-        target.local.symlink_to(source.local)
-    run_train(cfg, plan)
+    # Each repeat trains the same run afresh on the shards prepared once (`--restart` discards only the training).
+    run_train(cfg, plan, restart=True)
     windows = [r["tokens_per_s"] for r in read_metrics(RunPaths.of(cfg).train / "logs") if "val_loss" in r]
     return statistics.median(windows[1:])
 
@@ -107,7 +99,7 @@ def main() -> None:
     with ray_session(cfg) as plan:
         data_dir = run_prepare(cfg)["data_dir"]
         for repeat in range(repeats):
-            platform.append(platform_tokens_per_s(cfg, plan, repeat, steps))
+            platform.append(platform_tokens_per_s(cfg, plan, steps))
             bare.append(bare_tokens_per_s(cfg, data_dir, plan.cpus_per_worker, steps))
             print(f"repeat {repeat}: platform {platform[-1]:,.0f} tok/s, bare {bare[-1]:,.0f} tok/s", file=sys.stderr)
     ratios = [p / b for p, b in zip(platform, bare, strict=True)]

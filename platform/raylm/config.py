@@ -216,6 +216,11 @@ class TrainSection(_Section):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @property
+    def workers_label(self) -> str:
+        """`2`, or `1-4` for an elastic range: how status lines name the worker count."""
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
+
+    @property
     def worker_counts(self) -> range:
         return range(self.min_workers, self.max_workers + 1)
 

@@ -90,10 +90,11 @@ def build_tuner(cfg: Config, plan: ResourcePlan, restore: bool, callbacks: list 
     if restore:
         return tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=True)
     if cfg.tune.scheduler == "asha":
+        reports = reports_per_trial(cfg)  # reads the shards' manifest: once
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=reports_per_trial(cfg),
-            grace_period=min(cfg.tune.asha.grace_period, reports_per_trial(cfg)),
+            max_t=reports,
+            grace_period=min(cfg.tune.asha.grace_period, reports),
             reduction_factor=cfg.tune.asha.reduction_factor,
         )
     else:
@@ -130,7 +131,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     restore = reusable and tune.Tuner.can_restore(str(paths.tune))
     say(
         f"tune: {cfg.tune.num_samples} sample(s) of {list(cfg.tune.space)}, {plan.concurrent_trials} at a time, "
-        f"{cfg.train.num_workers} worker(s) x {plan.trial_cpus_per_worker} CPU each"
+        f"{cfg.train.workers_label} worker(s) x {plan.trial_cpus_per_worker} CPU each"
         + (" (resuming the interrupted sweep)" if restore else "")
     )
     started = time.monotonic()

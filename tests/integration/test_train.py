@@ -155,4 +155,7 @@ def test_more_workers_than_the_cluster_can_place_fail_fast(prepared):
     started = time.monotonic()
     with pytest.raises(UnplaceableError, match=r"train.num_workers=64 x 1 CPUs = 64 CPUs, but the cluster has 6"):
         run_train(big, plan_resources(big, embedded=True))
+    gpu = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gpus_per_worker": 1.0})})
+    with pytest.raises(UnplaceableError, match=r"train.gpus_per_worker=1 GPUs, but the cluster has 0 GPUs"):
+        run_train(gpu, plan_resources(gpu, embedded=True))
     assert time.monotonic() - started < 10

@@ -123,10 +123,9 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
         _, warning = resume_checkpoint(_latest_reported(paths.train), paths.train)
         if warning:
             say(f"[yellow]warning:[/yellow] {warning}")
-    workers = f"{cfg.train.min_workers}-{cfg.train.max_workers}" if cfg.train.elastic else cfg.train.num_workers
     gpus = f" + {cfg.train.gpus_per_worker:g} GPU" if cfg.train.gpus_per_worker else ""
     say(
-        f"train: {workers} worker(s) x {plan.cpus_per_worker} CPU{gpus}, {total_steps} steps"
+        f"train: {cfg.train.workers_label} worker(s) x {plan.cpus_per_worker} CPU{gpus}, {total_steps} steps"
         + (" (resuming from the last checkpoint)" if resumed else "")
     )
     started = time.monotonic()
