@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="From a text corpus to a served language model on Ray: prepare, train, tune, register, serve.",
 )
-models_app = typer.Typer(no_args_is_help=True, help="List and inspect registered models.")
+models_app = typer.Typer(no_args_is_help=True, help="List, inspect and promote registered models.")
 app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see jobs/configs/).")]
@@ -80,8 +80,9 @@ class _QuietStream:
 
 def emit(summary: dict[str, Any]) -> None:
     """The verb's one JSON line, on the real stdout even while stage output is redirected to stderr."""
-    _summary_stream.write(json.dumps(summary, default=str) + "\n")
-    _summary_stream.flush()
+    stream = _summary_stream if isinstance(sys.stdout, _QuietStream) else sys.stdout
+    stream.write(json.dumps(summary, default=str) + "\n")
+    stream.flush()
 
 
 def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -93,9 +94,10 @@ def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     from raylm.runs import StageConflict
     from raylm.serving.server import ServeConfigError
     from raylm.train.trainer import TrainingFailed
+    from raylm.tune_results import SweepFailed
 
     config_errors = (ConfigError, StageConflict, ServeConfigError, UnplaceableError)
-    return config_errors, (DataError, ModelLoadError, RegistryError, FileNotFoundError, TrainingFailed)
+    return config_errors, (DataError, ModelLoadError, RegistryError, FileNotFoundError, TrainingFailed, SweepFailed)
 
 
 def _user_error_inside(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -258,7 +260,8 @@ def register(
         str | None, typer.Option(help="A checkpoint directory (default: the best trial, else the trained run).")
     ] = None,
 ) -> None:
-    """Copy the best checkpoint into the model registry as a new version, with its lineage."""
+    """Copy the best checkpoint into the model registry as a new version, with its lineage; the eval gate decides
+    whether it becomes `<name>:best` (a model that fails is registered but not promoted, and told why)."""
     from raylm.registry import run_register
 
     cfg = load(config, overrides)
@@ -340,30 +343,61 @@ def export(
 
 @models_app.command("list")
 def models_list(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Registered models and their versions."""
-    from raylm.registry import list_models
+    """Registered models: versions and aliases (latest, best with its validation perplexity)."""
+    from raylm.progress import say
+    from raylm.registry import describe_models
     from raylm.runs import RunPaths
 
     cfg = load(config, overrides)
-    emit({"registry": str(RunPaths.of(cfg).registry), "models": list_models(RunPaths.of(cfg).registry)})
+    registry = RunPaths.of(cfg).registry
+    models = describe_models(registry)
+    for name, info in models.items():
+        best = "none promoted" if info["best"] is None else f"{name}:{info['best']}"
+        if info["best_val_ppl"] is not None:
+            best += f" (val_ppl {info['best_val_ppl']:.4g})"
+        say(f"{name}: versions {info['versions']}, latest {name}:{info['latest']}, best {best}")
+    emit({"registry": str(registry), "models": models})
 
 
 @models_app.command("show")
 def models_show(
-    ref: Annotated[str, typer.Argument(help="name, name:latest or name:VERSION")],
+    ref: Annotated[str, typer.Argument(help="name, name:latest, name:best or name:VERSION")],
     config: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """One registered version's manifest (lineage, metrics)."""
-    from raylm.registry import RegistryError, resolve
+    """One registered version's manifest (lineage, metrics, eval gate) and the aliases that point at it."""
+    from raylm.registry import RegistryError, resolve, version_aliases
+    from raylm.runs import RunPaths
+
+    cfg = load(config, overrides)
+    registry = RunPaths.of(cfg).registry
+    try:
+        found = resolve(registry, ref)
+    except RegistryError as err:
+        fail(str(err), 1)
+    aliases = version_aliases(registry, found.name, found.version)
+    emit({"model": found.ref, "path": str(found.path), "aliases": aliases, **found.manifest})
+
+
+@models_app.command("promote")
+def models_promote(
+    ref: Annotated[str, typer.Argument(help="name:VERSION to make name:best, past the eval gate")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Point `name:best` at a version by hand (recorded as "promoted by hand")."""
+    from raylm.progress import say
+    from raylm.registry import BY_HAND, RegistryError, promote
     from raylm.runs import RunPaths
 
     cfg = load(config, overrides)
     try:
-        found = resolve(RunPaths.of(cfg).registry, ref)
+        found, previous = promote(RunPaths.of(cfg).registry, ref)
     except RegistryError as err:
         fail(str(err), 1)
-    emit({"model": found.ref, "path": str(found.path), **found.manifest})
+    before = "none" if previous is None else f"{found.name}:{previous}"
+    say(f"{found.name}:best is now {found.ref} (was {before}), {BY_HAND}")
+    emit({"model": found.ref, "alias": f"{found.name}:best", "previous": previous, "reason": BY_HAND})
 
 
 def main() -> None:

@@ -52,12 +52,18 @@ class ResourcePlan:
     """Logical CPUs to start an embedded cluster with; None when connecting to an existing cluster."""
 
 
-def plan_resources(cfg: Config, embedded: bool, cluster_cpus: float | None = None) -> ResourcePlan:
-    """CPUs per training worker, concurrent sweep trials, and (embedded) the cluster's logical CPU count."""
+def plan_resources(
+    cfg: Config, embedded: bool, cluster_cpus: float | None = None, cluster_gpus: float | None = None
+) -> ResourcePlan:
+    """CPUs per training worker, concurrent sweep trials, and (embedded) the cluster's logical CPU count.
+    Concurrent trials: as many as the CPUs (and, for GPU trials, the GPUs) hold given each trial's workers."""
     workers = cfg.train.max_workers
     cores = local_cores()
     budget = cores if embedded else max(1, int((cluster_cpus or cores) - INGEST_CPUS))
-    trials = cfg.tune.max_concurrent_trials or max(1, min(cfg.tune.num_samples, budget // workers))
+    trials = max(1, min(cfg.tune.num_samples, budget // workers))
+    if cfg.train.gpus_per_worker and cluster_gpus is not None:
+        trials = max(1, min(trials, int(cluster_gpus // (workers * cfg.train.gpus_per_worker))))
+    trials = cfg.tune.max_concurrent_trials or trials
     if cfg.train.cpus_per_worker is not None:
         cpus = trial_cpus = cfg.train.cpus_per_worker
     elif embedded:
@@ -103,6 +109,22 @@ def check_placeable(workers: int, cpus_per_worker: int, gpus_per_worker: float =
             f"train.num_workers={workers} x {cpus_per_worker} CPUs = {needed} CPUs, but the cluster has {total:g}: "
             "lower train.num_workers or train.cpus_per_worker"
         )
+
+
+def start_data_stats_actor() -> None:
+    """Start Ray Data's one-per-cluster stats actor from the driver, before any training worker runs a dataset.
+
+    The first dataset anyone runs creates it, as a detached actor; created from a training worker it inherits the
+    worker's placement group and pins it for good: that trial's (or run's) CPUs are never given back, and on a
+    small cluster the next sweep trial waits forever for them."""
+    import ray
+
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor  # private: Ray is pinned (pyproject)
+    except ImportError:  # a later Ray: any dataset run from here creates it
+        ray.data.range(1).materialize()
+        return
+    ray.get(get_or_create_stats_actor().__ray_ready__.remote())
 
 
 def target_address(address: str | None) -> str | None:
@@ -165,7 +187,8 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
             ray.init(address=target, **common)
     quiet_logging(verbose)
     try:
-        yield plan_resources(cfg, embedded, float(ray.cluster_resources().get("CPU", 0)))
+        resources = ray.cluster_resources()
+        yield plan_resources(cfg, embedded, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
     finally:
         if started:
             ray.shutdown()

@@ -244,9 +244,45 @@ SearchSpec = dict[Literal["loguniform", "uniform", "choice", "grid"], list[Any]]
 
 
 class AshaSection(_Section):
-    grace_period: int = Field(1, ge=1)
-    """Validation reports a trial makes before ASHA may stop it."""
-    reduction_factor: float = Field(2, gt=1)
+    grace_tokens: int | None = Field(None, gt=0)
+    """Tokens every trial sees before ASHA may stop it; default: the budget / reduction_factor^2 (three rungs)."""
+    reduction_factor: float = Field(3, gt=1)
+    """At each rung ASHA keeps about 1/reduction_factor of the trials."""
+
+
+class GridSection(_Section):
+    """No early stopping: every trial runs its whole budget (Tune's FIFO scheduler)."""
+
+
+class SchedulerSection(_Section):
+    """Exactly one of `asha: {...}` or `grid: {}`; `tune.scheduler=grid` on the command line works too."""
+
+    asha: AshaSection | None = None
+    grid: GridSection | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name = {"fifo": "grid"}.get(value, value)
+            if name not in ("asha", "grid"):
+                raise ValueError(f"unknown scheduler {value!r}: use asha or grid")
+            return {name: {}}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SchedulerSection:
+        if (self.asha is None) == (self.grid is None):
+            raise ValueError("give exactly one of asha: {...} or grid: {}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return "asha" if self.asha is not None else "grid"
+
+
+BUDGETED_FIELDS = ("max_steps", "epochs", "eval_every")
+"""Set per trial from `tune.budget_tokens` and `tune.eval_tokens` (in tokens, so batch sizes compare fairly)."""
 
 
 class TuneSection(_Section):
@@ -254,9 +290,15 @@ class TuneSection(_Section):
     """`raylm pipeline` sweeps when true and trains once with `train` when false."""
     space: dict[str, SearchSpec] = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
     num_samples: int = Field(4, ge=1)
-    scheduler: Literal["asha", "fifo"] = "asha"
-    asha: AshaSection = AshaSection()
+    scheduler: SchedulerSection = SchedulerSection(asha=AshaSection())
+    budget_tokens: int | None = Field(None, gt=0)
+    """Training tokens per trial (trials are compared in tokens seen, not steps: a batch-size sweep gives trials
+    different step counts). Default: what the `train` section alone would train on (steps x batch x seq_len)."""
+    eval_tokens: int | None = Field(None, gt=0)
+    """Validate (and report to Tune) every this many tokens; default: the ASHA grace (so every rung gets a fresh
+    measurement), or a tenth of the budget for a grid."""
     max_concurrent_trials: int | None = Field(None, ge=1)
+    """Default: as many as the cluster's CPUs hold, given the workers each trial needs."""
 
     @field_validator("space")
     @classmethod
@@ -268,6 +310,8 @@ class TuneSection(_Section):
                 close = difflib.get_close_matches(leaf, list(TrainSection.model_fields), n=1)
                 hint = f" (did you mean 'train.{close[0]}'?)" if close else " (e.g. train.lr, train.batch_size)"
                 raise ValueError(f"{key!r} is not a train field{hint}")
+            if leaf in BUDGETED_FIELDS:
+                raise ValueError(f"{key!r} cannot be swept: trials are budgeted by tune.budget_tokens")
             if len(spec) != 1:
                 raise ValueError(f"{key}: give exactly one of loguniform, uniform, choice, grid")
             ((kind, values),) = spec.items()
@@ -284,15 +328,37 @@ class TuneSection(_Section):
             checked[key] = {kind: values}
         return checked
 
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> TuneSection:
+        asha = self.scheduler.asha
+        if asha and asha.grace_tokens and self.budget_tokens and asha.grace_tokens > self.budget_tokens:
+            raise ValueError(
+                f"tune.scheduler.asha.grace_tokens={asha.grace_tokens} is more than tune.budget_tokens="
+                f"{self.budget_tokens}: ASHA could never stop a trial"
+            )
+        return self
+
+
+class GateSection(_Section):
+    """The eval gate that decides whether a newly registered version becomes `<name>:best`. Every enabled check
+    must pass; a version that fails is still registered (and `latest`), only not promoted."""
+
+    max_val_ppl: float | None = Field(None, gt=0)
+    """Promote only under this validation perplexity (unset: no threshold)."""
+    compare_to_best: bool = True
+    """Promote only when better than the current `best` on the same validation data (the first model passes)."""
+
 
 class RegistrySection(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """The name models of this run are registered under; default: `run.name`."""
+    gate: GateSection = GateSection()
 
 
 class ServeSection(_Section):
     model: str | None = None
-    """A registry reference (`name`, `name:latest`, `name:3`) or a model directory; default: `<run.name>:latest`."""
+    """A registry reference (`name`, `name:latest`, `name:best`, `name:3`) or a model directory; default:
+    `<model name>:latest`."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: int = Field(1, ge=1)
@@ -313,14 +379,22 @@ class Config(_Section):
     serve: ServeSection = ServeSection()
 
     @model_validator(mode="after")
-    def _tune_batch_sizes_split(self) -> Config:
-        # Every batch size a sweep may try must split over the workers, or a trial would die mid-sweep.
-        for key in ("train.batch_size", "train.num_workers", "train.micro_batch_size"):
-            for value in next(iter(self.tune.space.get(key, {"choice": []}).values())):
+    def _tune_values_valid(self) -> Config:
+        # Every value a sweep may try must be a valid train config (a batch size must split over the workers), or
+        # a trial would die mid-sweep; kept as the field's type (YAML reads `3e-3` as a string).
+        for key, spec in self.tune.space.items():
+            ((kind, values),) = spec.items()
+            if kind not in ("choice", "grid"):
+                continue
+            leaf = key.split(".", 1)[1]
+            checked = []
+            for value in values:
                 try:
-                    TrainSection.model_validate({**self.train.model_dump(), key.split(".")[1]: value})
+                    train = TrainSection.model_validate({**self.train.model_dump(), leaf: value})
                 except ValidationError as err:
                     raise ValueError(f"tune.space.{key}: {value!r} is invalid: {_first_message(err)}") from None
+                checked.append(getattr(train, leaf))
+            spec[kind] = checked
         return self
 
     @property

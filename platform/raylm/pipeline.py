@@ -1,4 +1,4 @@
-"""The whole pipeline from one config: prepare -> tune (or train) -> register -> serve.
+"""The whole pipeline from one config: prepare -> tune (or train) -> gate + register -> serve the best.
 
 Each stage reuses what an earlier run with the same `run.name` produced, so a rerun after a failure picks up where
 it stopped. With `ask`, the pipeline sends one completion request to the model it is serving, stops serving and
@@ -27,10 +27,10 @@ def run_pipeline(
         stages["tune"] = run_tune(cfg, plan, restart)
     else:
         stages["train"] = run_train(cfg, plan, restart)
-    stages["register"] = run_register(cfg)
+    stages["register"] = run_register(cfg)  # the eval gate decides whether it becomes `best`
     if cfg.serve.model is None:
-        # Serve exactly the version just registered, not whatever `latest` is.
-        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": stages["register"]["model"]})})
+        served = served_version(stages["register"])
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": served})})
     stages["serve"] = start_serving(cfg, plan)
     summary: dict[str, Any] = {"stage": "pipeline", **stages}
     if ask is not None:
@@ -45,3 +45,15 @@ def run_pipeline(
         say(f"[bold]model {stages['register']['model']} completes[/bold] {ask!r} [bold]with:[/bold]\n{ask}{text}")
         summary["completion"] = {"prompt": ask, "text": text, "usage": response["usage"]}
     return summary
+
+
+def served_version(registered: dict[str, Any]) -> str:
+    """The best version (pinned by number, so a concurrent promotion cannot change what this pipeline serves): the
+    one just registered when it passed the gate, the earlier best when it did not, and the new one when nothing was
+    ever promoted (a first model that failed a threshold is still served, with the gate's reason said)."""
+    if registered["best"] is None:
+        say(f"pipeline: no {registered['name']}:best yet; serving {registered['model']} as registered")
+        return registered["model"]
+    if registered["best"] != registered["model"]:
+        say(f"pipeline: serving {registered['best']} (the best); {registered['model']} did not pass the gate")
+    return registered["best"]

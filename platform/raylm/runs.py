@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import Config, fingerprint
+from raylm.redact import public_config
 from raylm.storage import Location
 
 STAGE_FILE = "stage.json"
@@ -59,7 +60,10 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
         "train": ("data", "model", "train"),
         "tune": ("data", "model", "train", "tune"),
     }[stage]
-    return {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+    # Redacted: stage.json records it on disk. The hash is of this form too, so a rotated password alone is not a
+    # config change.
+    public = public_config(cfg)
+    return {name: public[name] for name in sections}
 
 
 SHARDS_FILE = "shards.json"

@@ -4,6 +4,9 @@ Train V2 pattern: each trial runs a small driver function that builds its own `T
 `TuneReportCallback`, which forwards rank 0's metrics and the checkpoint path to Tune) and calls `fit()`. The driver
 function holds only a sliver of a CPU, so concurrent trials leave CPUs for their workers and for Ray Data. The
 nested Train run is named after the trial id, so a restored sweep resumes its trials too.
+
+Trials are budgeted and compared in tokens seen, not steps: a trial with twice the batch size takes half the steps.
+ASHA's time axis is `tokens_seen`, so its rungs compare trials that have trained on as much data.
 """
 
 from __future__ import annotations
@@ -11,22 +14,60 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
 
-from raylm.cluster import ResourcePlan, check_placeable
-from raylm.config import Config, validate_config
+from raylm.cluster import ResourcePlan, check_placeable, start_data_stats_actor
+from raylm.config import Config, ConfigError, validate_config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
-from raylm.runs import RunPaths, claim_stage, read_json, write_json
+from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.trainer import build_trainer
+from raylm.tune_results import SweepFailed, show_results, trial_rows, write_results
 
 BEST_FILE = "best.json"
 DRIVER_CPUS = 0.01
 """A trial's driver function only waits on its trainer; `{"CPU": 0}` is refused by Tune, a sliver works."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep; Tune saved its state and the same command resumes it."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Each trial's training length, validation cadence and ASHA's first rung, all in tokens seen."""
+
+    tokens: int
+    eval_tokens: int
+    grace_tokens: int | None
+    seq_len: int
+
+    def steps(self, batch_size: int) -> int:
+        return math.ceil(self.tokens / (batch_size * self.seq_len))
+
+    def eval_every(self, batch_size: int) -> int:
+        return math.ceil(self.eval_tokens / (batch_size * self.seq_len))
+
+
+def sweep_budget(cfg: Config, manifest: dict[str, Any]) -> Budget:
+    seq_len = manifest["seq_len"]
+    train_blocks = manifest["splits"]["train"]["blocks"]
+    tokens = cfg.tune.budget_tokens or cfg.train.total_steps(train_blocks) * cfg.train.batch_size * seq_len
+    asha = cfg.tune.scheduler.asha
+    grace = None
+    if asha is not None:
+        grace = asha.grace_tokens or max(1, int(tokens / asha.reduction_factor**2))
+        if grace > tokens:
+            raise ConfigError(
+                f"tune.scheduler.asha.grace_tokens={grace} is more than the budget of {tokens} tokens per trial "
+                "(tune.budget_tokens): ASHA could never stop a trial"
+            )
+    eval_tokens = cfg.tune.eval_tokens or grace or max(1, tokens // 10)
+    return Budget(tokens=tokens, eval_tokens=min(eval_tokens, tokens), grace_tokens=grace, seq_len=seq_len)
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -45,21 +86,25 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
-    """The base config with a trial's `train.*` values applied, validated like any config."""
+def trial_config(base: dict[str, Any], params: dict[str, Any], budget: Budget) -> Config:
+    """The base config with a trial's `train.*` values and its token budget applied, validated like any config."""
     tree = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
     for key, value in params.items():
         section, leaf = key.split(".", 1)
         tree[section][leaf] = value
+    batch_size = validate_config(tree).train.batch_size
+    tree["train"].update(epochs=None, max_steps=budget.steps(batch_size), eval_every=budget.eval_every(batch_size))
     return validate_config(tree)
 
 
-def train_driver_per_trial(params: dict[str, Any], base: dict[str, Any], data_dir: str, cpus_per_worker: int) -> None:
+def train_driver_per_trial(
+    params: dict[str, Any], base: dict[str, Any], budget: Budget, data_dir: str, cpus_per_worker: int
+) -> None:
     """Runs inside a Tune trial: one `TorchTrainer` for this trial's config."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = trial_config(base, params)
+    cfg = trial_config(base, params, budget)
     trial_id = tune.get_context().get_trial_id()
     storage = RunPaths.of(cfg).tune / "trials"
     trainer = build_trainer(
@@ -68,46 +113,49 @@ def train_driver_per_trial(params: dict[str, Any], base: dict[str, Any], data_di
     trainer.fit()
 
 
-def reports_per_trial(cfg: Config) -> int:
-    train_blocks = read_manifest(RunPaths.of(cfg).data)["splits"]["train"]["blocks"]
-    return math.ceil(cfg.train.total_steps(train_blocks) / cfg.train.eval_every)
-
-
-def build_tuner(cfg: Config, plan: ResourcePlan, restore: bool, callbacks: list | None = None):
-    from ray import tune
+def build_scheduler(cfg: Config, budget: Budget):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = cfg.tune.scheduler.asha
+    if asha is None:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="tokens_seen",
+        max_t=budget.tokens,
+        grace_period=budget.grace_tokens,
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, callbacks: list | None = None):
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     paths = RunPaths.of(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(
             train_driver_per_trial,
             base=cfg.model_dump(mode="json"),
+            budget=budget,
             data_dir=str(paths.data),
             cpus_per_worker=plan.trial_cpus_per_worker,
         ),
         {"CPU": DRIVER_CPUS},
     )
     if restore:
-        return tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=True)
-    if cfg.tune.scheduler == "asha":
-        reports = reports_per_trial(cfg)  # reads the shards' manifest: once
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=reports,
-            grace_period=min(cfg.tune.asha.grace_period, reports),
-            reduction_factor=cfg.tune.asha.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
+        # Errored trials stay errored (a diverged lr diverges again); interrupted and pending ones run.
+        return tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=False)
     return tune.Tuner(
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric="val_loss",
             mode="min",
-            scheduler=scheduler,
+            scheduler=build_scheduler(cfg, budget),
             num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=plan.concurrent_trials,
+            # Sampled with train.seed: the same config draws the same trials. (With a search algorithm given,
+            # Tune ignores TuneConfig.max_concurrent_trials: the generator limits concurrency itself.)
+            search_alg=BasicVariantGenerator(max_concurrent=plan.concurrent_trials, random_state=cfg.train.seed),
         ),
         run_config=tune.RunConfig(
             name=paths.tune.name,
@@ -122,15 +170,19 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     from ray import tune
 
     paths = RunPaths.of(cfg)
-    read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
+    manifest = read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
+    budget = sweep_budget(cfg, manifest)
     check_placeable(cfg.train.min_workers, plan.trial_cpus_per_worker, cfg.train.gpus_per_worker)
+    start_data_stats_actor()
     _, reusable = claim_stage(cfg, "tune", restart)
+    check_same_shards(cfg, "tune", manifest, reusable)
     if reusable and (paths.tune / BEST_FILE).is_file():
         say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")
         return read_json(paths.tune / BEST_FILE)
     restore = reusable and tune.Tuner.can_restore(str(paths.tune))
     say(
-        f"tune: {cfg.tune.num_samples} sample(s) of {list(cfg.tune.space)}, {plan.concurrent_trials} at a time, "
+        f"tune: {cfg.tune.num_samples} sample(s) of {list(cfg.tune.space)} with {cfg.tune.scheduler.name}, "
+        f"{budget.tokens:,} tokens per trial, {plan.concurrent_trials} at a time, "
         f"{cfg.train.workers_label} worker(s) x {plan.trial_cpus_per_worker} CPU each"
         + (" (resuming the interrupted sweep)" if restore else "")
     )
@@ -138,12 +190,24 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     with progress("tune", total=_expected_trials(cfg)) as update:
         SweepProgress.active = update
         try:
-            grid = build_tuner(cfg, plan, restore, callbacks=[SweepProgress()]).fit()
+            grid = build_tuner(cfg, plan, budget, restore, callbacks=[SweepProgress()]).fit()
         finally:
             SweepProgress.active = None
-    summary = summarize(grid, list(cfg.tune.space), started, paths.root)
+    if interrupted(grid, _expected_trials(cfg)):
+        raise SweepInterrupted()
+    rows = trial_rows(grid, list(cfg.tune.space), budget.tokens, paths.tune)
+    summary = summarize(rows, list(cfg.tune.space), budget, time.monotonic() - started)
+    write_results(rows, summary, paths.tune)
+    show_results(rows, summary)
     write_json(paths.tune / BEST_FILE, summary)
     return summary
+
+
+def interrupted(grid, expected: int) -> bool:
+    """Whether Ctrl-C ended the sweep early. Tune marks the trials it stops on Ctrl-C as terminated, like finished
+    ones; but a finished trial's last result says `done` (so does one ASHA stopped), an interrupted one's does not."""
+    unfinished = [result for result in grid if not result.error and not (result.metrics or {}).get("done")]
+    return bool(unfinished) or len(grid) < expected
 
 
 def _expected_trials(cfg: Config) -> int:
@@ -151,39 +215,28 @@ def _expected_trials(cfg: Config) -> int:
     return cfg.tune.num_samples * math.prod(grids)
 
 
-def summarize(grid, params: list[str], started: float, storage: Location) -> dict[str, Any]:
-    trials = []
-    for result in grid:
-        metrics = result.metrics or {}
-        trials.append(
-            {
-                "trial_id": metrics.get("trial_id") or Path(result.path).name,
-                **{key: result.config.get(key) for key in params},
-                "steps": metrics.get("step"),
-                "val_loss": metrics.get("val_loss"),
-                "val_ppl": metrics.get("val_ppl"),
-                # Ray reports the path inside the storage filesystem; as a URI it names the filesystem too.
-                "checkpoint": str(Location(storage.fs, metrics["checkpoint_path"]))
-                if metrics.get("checkpoint_path")
-                else None,
-                "status": "error" if result.error else "ok",
-            }
-        )
-    finished = [t for t in trials if t["status"] == "ok" and t["val_loss"] is not None and t["checkpoint"]]
-    if not finished:
-        errors = [str(result.error).splitlines()[0] for result in grid if result.error][:3]
-        raise RuntimeError(f"tune: no trial finished ({len(trials)} tried); first errors: {errors}")
-    best = min(finished, key=lambda t: t["val_loss"])
+def summarize(rows: list[dict[str, Any]], params: list[str], budget: Budget, seconds: float) -> dict[str, Any]:
+    """The best trial (lowest validation loss among those that did not error) and the sweep's counts."""
+    candidates = [row for row in rows if row["status"] != "error" and row["val_loss"] is not None]
+    candidates = [row for row in candidates if row["checkpoint"]]
+    if not candidates:
+        errors = [row["error"] for row in rows if row.get("error")][:3]
+        raise SweepFailed(f"tune: no trial finished ({len(rows)} tried); first errors: {errors}")
+    best = min(candidates, key=lambda row: row["val_loss"])
     return {
         "stage": "tune",
         "best_trial": best["trial_id"],
         "best_config": {key: best[key] for key in params},
         "val_loss": best["val_loss"],
         "val_ppl": best["val_ppl"],
+        "step": best["steps"],
+        "tokens_seen": best["tokens_seen"],
         "checkpoint": best["checkpoint"],
-        "trials": trials,
-        "errored": sum(t["status"] == "error" for t in trials),
-        "seconds": round(time.monotonic() - started, 2),
+        "budget_tokens": budget.tokens,
+        "trials": [{key: value for key, value in row.items() if key != "curve"} for row in rows],
+        "stopped_early": sum(row["status"] == "stopped" for row in rows),
+        "errored": sum(row["status"] == "error" for row in rows),
+        "seconds": round(seconds, 2),
     }
 
 

@@ -23,6 +23,9 @@ def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, t
     assert [key for key in summary if key != "stage"] == ["prepare", "train", "register", "serve", "completion"]
     assert summary["train"]["step"] == cfg.train.max_steps
     assert summary["register"]["model"] == "pipe:1" and summary["serve"]["version"] == 1
+    # The first model passes the eval gate (nothing to beat yet): it is `best`, and `best` is what is served.
+    assert summary["register"]["promoted"] is True and summary["register"]["best"] == "pipe:1"
+    assert "no version was promoted before" in summary["register"]["gate"]["reason"]
     completion = summary["completion"]
     assert completion["prompt"] == "The river" and isinstance(completion["text"], str)
     assert completion["usage"]["completion_tokens"] <= 5

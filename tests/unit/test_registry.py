@@ -1,12 +1,29 @@
 import json
+import math
+import signal
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from raylm.config import ModelSection
+from raylm.config import ModelSection, load_config
 from raylm.data.tokenizer import train_bpe
 from raylm.models import build_model, load_pretrained
-from raylm.registry import RegistryError, list_models, register, resolve
+from raylm.registry import (
+    RegistryError,
+    aliases_of,
+    describe_models,
+    list_models,
+    promote,
+    register,
+    resolve,
+    run_register,
+    set_best,
+    tokenizer_hash,
+    version_aliases,
+)
+from raylm.runs import RunPaths, claim_stage, write_json
+from raylm.storage import Location
 from raylm.train.checkpoint import CHECKPOINT_MANIFEST, checkpoint_problem, save_checkpoint
 
 
@@ -54,7 +71,7 @@ def test_unknown_names_and_versions_are_explained(tmp_path):
     register(registry, "lm", make_checkpoint(tmp_path / "c", seed=0), {})
     with pytest.raises(RegistryError, match=r"no model named 'other'.*registered: lm"):
         resolve(registry, "other")
-    with pytest.raises(RegistryError, match=r"'lm:7': lm has versions \[1\]"):
+    with pytest.raises(RegistryError, match=r"'lm:7': lm has versions \[1\] \(and the aliases 'latest', 'best'\)"):
         resolve(registry, "lm:7")
 
 
@@ -84,3 +101,182 @@ def test_a_registry_on_another_filesystem(tmp_path):
     assert register(registry, "lm", tmp_path / "c", {})[1] is False
     local = version.path.download(tmp_path / "served")
     assert load_pretrained(str(local)).config.n_layer == 2
+
+
+def test_latest_is_computed_best_is_stored_and_promoted_by_hand(tmp_path):
+    registry = tmp_path / "registry"
+    register(registry, "lm", make_checkpoint(tmp_path / "c1", seed=0), {})
+    register(registry, "lm", make_checkpoint(tmp_path / "c2", seed=1), {})
+    assert aliases_of(registry, "lm") == {"latest": 2}
+    with pytest.raises(RegistryError, match=r"lm:best: no version of lm has been promoted yet.*versions: \[1, 2\]"):
+        resolve(registry, "lm:best")
+
+    found, previous = promote(registry, "lm:1")
+    assert (found.version, previous) == (1, None)
+    stored = json.loads((registry / "lm" / "aliases.json").read_text())
+    assert stored["best"]["version"] == 1 and stored["best"]["reason"] == "promoted by hand"
+    assert resolve(registry, "lm:best").version == 1 and resolve(registry, "lm:latest").version == 2
+    assert version_aliases(registry, "lm", 1) == ["lm:best"] and version_aliases(registry, "lm", 2) == ["lm:latest"]
+    assert describe_models(registry) == {"lm": {"versions": [1, 2], "latest": 2, "best": 1, "best_val_ppl": None}}
+
+    assert promote(registry, "lm:latest")[1] == 1
+    assert version_aliases(registry, "lm", 2) == ["lm:best", "lm:latest"]
+    with pytest.raises(RegistryError, match="'lm:9': lm has versions"):
+        promote(registry, "lm:9")
+    set_best(registry, "lm", 7, "a version deleted by hand since")
+    with pytest.raises(RegistryError, match="lm:best points at version 7, which is gone"):
+        resolve(registry, "lm:best")
+
+
+def registry_config(tmp_path, run: str = "a", *overrides: str):
+    return load_config(None, [f"run.dir={tmp_path / 'runs'}", f"run.name={run}", "registry.name=lm", *overrides])
+
+
+def stage_trained_run(cfg, checkpoint, val_loss: float, prepared_at: str = "2026-01-01T00:00:00+00:00") -> None:
+    """What `raylm prepare` and `raylm train` leave for `raylm register`: a shards manifest and the run's result."""
+    paths = RunPaths.of(cfg)
+    manifest = {
+        "format": "raylm.shards/1",
+        "created_at": prepared_at,
+        "seconds": 1.5,
+        "tokenizer": {"hash": tokenizer_hash(Location.parse(checkpoint))},
+        "splits": {"train": {"blocks": 40}, "val": {"blocks": 4}},
+    }
+    write_json(paths.data / "manifest.json", manifest)
+    result = {"checkpoint": str(checkpoint), "val_loss": val_loss, "val_ppl": math.exp(val_loss), "step": 3}
+    write_json(paths.train / "result.json", result)
+
+
+def test_the_gate_promotes_the_first_model_and_then_only_better_ones(tmp_path):
+    cfg = registry_config(tmp_path)
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c1", seed=1), val_loss=5.0)
+    first = run_register(cfg)
+    assert first["promoted"] and first["best"] == "lm:1"
+    assert first["gate"]["reason"] == "no version was promoted before: the first best"
+
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c2", seed=2), val_loss=5.5)
+    worse = run_register(cfg)
+    assert (worse["version"], worse["promoted"], worse["best"]) == (2, False, "lm:1")
+    gate = worse["gate"]
+    assert not gate["passed"] and gate["best_version"] == 1 and not gate["best_reevaluated"]
+    assert gate["best_val_loss"] == 5.0 and gate["candidate_val_ppl"] == pytest.approx(math.exp(5.5))
+    assert gate["reason"] == (
+        f"val_ppl {math.exp(5.5):.4g} is not better than the current best lm:1's {math.exp(5.0):.4g} "
+        "(on the same validation data)"
+    )
+    assert resolve(cfg.run.dir + "/registry", "lm:2").manifest["gate"] == gate
+
+    # Another run on the same shards (prepared again later: only the manifest's time differs) compares recorded
+    # losses; no re-evaluation (there are no shards here to re-evaluate on: it would fail).
+    other = registry_config(tmp_path, "b")
+    stage_trained_run(other, make_checkpoint(tmp_path / "c3", seed=3), val_loss=4.0, prepared_at="2026-02-02")
+    better = run_register(other)
+    assert better["promoted"] and better["best"] == "lm:3" and not better["gate"]["best_reevaluated"]
+    assert "beats the current best lm:1's" in better["gate"]["reason"]
+    manifest = resolve(RunPaths.of(cfg).registry, "lm:best").manifest
+    assert manifest["data_manifest_hash"] == first["gate"]["data_manifest_hash"] == better["gate"]["data_manifest_hash"]
+    assert manifest["metrics"]["val_loss"] == 4.0
+
+    # Registering an already registered checkpoint returns it, without gating it again.
+    stage_trained_run(cfg, tmp_path / "c2", val_loss=5.5)
+    again = run_register(cfg)
+    assert (again["version"], again["new"], again["promoted"], again["gate"]) == (2, False, False, gate)
+    assert describe_models(RunPaths.of(cfg).registry)["lm"] == {
+        "versions": [1, 2, 3],
+        "latest": 3,
+        "best": 3,
+        "best_val_ppl": round(math.exp(4.0), 4),
+    }
+
+
+@pytest.mark.parametrize(
+    ("gate", "losses", "promoted"),
+    [
+        # Threshold only: under it is enough, even when worse than the best.
+        (["registry.gate.compare_to_best=false", "registry.gate.max_val_ppl=100"], [5.0, 4.0, 4.5], [0, 1, 1]),
+        # Both checks: under the threshold and better than the best.
+        (["registry.gate.max_val_ppl=100"], [5.0, 4.0, 4.5, 3.9], [0, 1, 0, 1]),
+        # No checks: every new version is promoted.
+        (["registry.gate.compare_to_best=false"], [5.0, 6.0], [1, 1]),
+    ],
+)
+def test_gate_checks_combine(tmp_path, gate, losses, promoted):
+    cfg = registry_config(tmp_path, "a", *gate)
+    outcomes = []
+    for seed, loss in enumerate(losses):
+        stage_trained_run(cfg, make_checkpoint(tmp_path / f"c{seed}", seed=seed), val_loss=loss)
+        outcomes.append(run_register(cfg))
+    assert [int(outcome["promoted"]) for outcome in outcomes] == promoted
+    if "registry.gate.max_val_ppl=100" in gate:
+        assert outcomes[0]["gate"]["reason"].startswith(f"val_ppl {math.exp(5.0):.4g} is not under")
+        assert "registry.gate.max_val_ppl=100" in outcomes[0]["gate"]["reason"]
+    if len(gate) == 1 and "max_val_ppl" in gate[0]:
+        assert "not better than the current best lm:2's" in outcomes[2]["gate"]["reason"]
+    if gate == ["registry.gate.compare_to_best=false"]:
+        assert outcomes[1]["gate"]["reason"] == "the eval gate has no checks enabled"
+
+
+def test_secrets_never_enter_manifests_or_stage_markers(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLM_API_KEY", "sk-apikey-never-on-disk")
+    cfg = registry_config(
+        tmp_path,
+        "a",
+        "train.mlflow_tracking_uri=https://u:hunter2secret@mlflow.example",
+        "data.paths=['s3://bucket/corpus.jsonl?access_key=AKIDLEAKED&secret_key=wJalrLEAKED&region=eu-west-1']",
+    )
+    claim_stage(cfg, "train", restart=False)  # writes train/stage.json
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c", seed=0), val_loss=5.0)
+    summary = run_register(cfg)
+
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert {p.name for p in written} >= {"manifest.json", "aliases.json", "stage.json", "tokenizer.json"}
+    for path in written:
+        text = path.read_text(errors="replace")
+        for secret in ("hunter2secret", "AKIDLEAKED", "wJalrLEAKED", "sk-apikey-never-on-disk"):
+            assert secret not in text, f"{secret} in {path}"
+    assert "hunter2secret" not in json.dumps(summary)
+    config = resolve(RunPaths.of(cfg).registry, "lm:1").manifest["config"]
+    # Redacted, not dropped: the lineage still says where metrics went and which data was read.
+    assert config["train"]["mlflow_tracking_uri"] == "https://u:***@mlflow.example"
+    assert config["data"]["paths"] == ["s3://bucket/corpus.jsonl?access_key=***&secret_key=***&region=eu-west-1"]
+
+
+@pytest.fixture
+def cli():
+    # The CLI installs a SIGTERM handler for its stage: give the test session its own back.
+    handler = signal.getsignal(signal.SIGTERM)
+    yield CliRunner()
+    signal.signal(signal.SIGTERM, handler)
+
+
+def test_cli_says_why_a_model_is_not_promoted_and_promotes_by_hand(tmp_path, cli):
+    from raylm.cli import app
+
+    cfg = registry_config(tmp_path)
+    overrides = [f"run.dir={cfg.run.dir}", "run.name=a", "registry.name=lm"]
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c1", seed=1), val_loss=4.0)
+    assert json.loads(cli.invoke(app, ["register", *overrides]).stdout)["promoted"] is True
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c2", seed=2), val_loss=4.5)
+
+    result = cli.invoke(app, ["register", *overrides])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["model"], summary["promoted"], summary["best"]) == ("lm:2", False, "lm:1")
+    assert "lm:2 registered but NOT promoted to lm:best" in result.stderr
+    assert "is not better than the current best lm:1's" in result.stderr
+    assert "raylm models promote lm:2" in result.stderr
+
+    listed = cli.invoke(app, ["models", "list", *overrides])
+    assert json.loads(listed.stdout)["models"]["lm"]["best"] == 1
+    assert f"lm: versions [1, 2], latest lm:2, best lm:1 (val_ppl {math.exp(4.0):.4g})" in listed.stderr
+
+    promoted = cli.invoke(app, ["models", "promote", "lm:2", *overrides])
+    assert promoted.exit_code == 0 and json.loads(promoted.stdout)["previous"] == 1
+    shown = json.loads(cli.invoke(app, ["models", "show", "lm:best", *overrides]).stdout)
+    assert shown["model"] == "lm:2" and shown["aliases"] == ["lm:best", "lm:latest"]
+    assert shown["gate"]["passed"] is False and shown["data_manifest_hash"]
+    assert json.loads((tmp_path / "runs" / "registry" / "lm" / "aliases.json").read_text())["best"]["reason"] == (
+        "promoted by hand"
+    )
+    missing = cli.invoke(app, ["models", "promote", "lm:5", *overrides])
+    assert missing.exit_code == 1 and "'lm:5': lm has versions [1, 2]" in missing.stderr

@@ -12,7 +12,7 @@ from typing import Any
 
 from raylm.cluster import ResourcePlan
 from raylm.config import Config, ServeSection
-from raylm.registry import resolve
+from raylm.registry import resolve, version_aliases
 from raylm.runs import RunPaths
 
 APP_NAME = "raylm"
@@ -38,8 +38,10 @@ def resolve_model(cfg: Config) -> ServedModel:
     if Path(ref).expanduser().is_dir():
         path = Path(ref).expanduser().resolve()
         return ServedModel(path, path.name, [], None)
-    found = resolve(RunPaths.of(cfg).registry, ref)
-    aliases = [f"{found.name}:latest", f"{found.name}:{found.version}"]
+    registry = RunPaths.of(cfg).registry
+    found = resolve(registry, ref)
+    # The names requests may use: the version, and the aliases that point at it now (`name:latest`, `name:best`).
+    aliases = [*version_aliases(registry, found.name, found.version), found.ref]
     if found.path.is_local:
         return ServedModel(found.path.local, found.name, aliases, found.version)
     cache = Path(os.environ.get("RAYLM_CACHE", "~/.cache/raylm")).expanduser() / "models"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from raylm.config import Config, validate_config
 from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
+from raylm.redact import redact
 from raylm.storage import Location
 from raylm.train.checkpoint import restore_checkpoint, resume_checkpoint, save_checkpoint
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
@@ -186,6 +187,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss, grad_norm, used = optimizer_step(
             model, optimizer, scheduler, batches, accum, train.grad_clip, amp, loss_fn
         )
+        if not math.isfinite(loss):
+            # Every later step would train on NaNs (and checkpoint them): stop, and keep the last good checkpoint.
+            raise TrainingDiverged(
+                f"training diverged: the loss is {loss} at step {position['step'] + 1} (train.lr={train.lr:g}); "
+                "lower train.lr, raise train.warmup_steps or keep train.grad_clip on"
+            )
         ledger.add(used)
         position["step"] += 1
         position["tokens_seen"] += tokens_per_step
@@ -219,6 +226,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.restart()  # evaluation and checkpointing are not training throughput
     if logger:
         logger.close()
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
 
 
 class _RateWindow:
@@ -303,6 +314,7 @@ def _memory_metrics(workers: list[dict[str, Any]]) -> dict[str, float]:
 def _run_logger(cfg: Config, run_dir: Location) -> RunLogger:
     params = {f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items()}
     params.update({"model.preset": cfg.model.preset, "model.pretrained": cfg.model.pretrained})
+    params = redact(params)  # MLflow stores its params: no tracking-URI password in them
     return RunLogger(run_dir / LOGS_DIR, cfg.train.tensorboard, cfg.train.mlflow_tracking_uri, cfg.run.name, params)
 
 

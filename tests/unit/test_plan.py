@@ -1,0 +1,26 @@
+"""Resource planning for a sweep: how many trials run at once on a given cluster (no Ray needed)."""
+
+from raylm.cluster import INGEST_CPUS, plan_resources
+from raylm.config import load_config
+
+
+def concurrent(overrides, cpus, gpus=0.0) -> int:
+    cfg = load_config(None, overrides)
+    return plan_resources(cfg, embedded=False, cluster_cpus=cpus, cluster_gpus=gpus).concurrent_trials
+
+
+def test_trials_fit_the_cpus_left_after_ray_data():
+    # 16 CPUs, 2 kept for Ray Data: 14 one-CPU workers, 2 per trial -> 7 trials, capped by the samples drawn.
+    assert concurrent(["train.num_workers=2", "tune.num_samples=20"], cpus=16) == (16 - INGEST_CPUS) // 2
+    assert concurrent(["train.num_workers=2", "tune.num_samples=3"], cpus=16) == 3
+    assert (
+        concurrent(["train.num_workers=[1, 4]", "train.batch_size=12", "tune.num_samples=20"], cpus=10) == 2
+    )  # max: 4
+
+
+def test_gpu_trials_fit_the_gpus():
+    gpu = ["train.gpus_per_worker=1", "tune.num_samples=8"]
+    assert concurrent([*gpu, "train.num_workers=1"], cpus=64, gpus=4) == 4
+    assert concurrent([*gpu, "train.num_workers=2"], cpus=64, gpus=4) == 2
+    assert concurrent([*gpu, "train.num_workers=1", "train.gpus_per_worker=0.5"], cpus=64, gpus=1) == 2
+    assert concurrent([*gpu, "train.num_workers=1", "tune.max_concurrent_trials=3"], cpus=64, gpus=1) == 3  # asked
