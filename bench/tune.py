@@ -7,8 +7,9 @@ validating at the same cadence; ASHA (reduction factor 3, grace = budget / 9) st
 sweeps alternate (grid first, then ASHA first in the next repeat), each in a fresh embedded Ray on all cores, and
 the best configurations they find must agree.
 
-Also reported: Tune's own overhead, the grid sweep's wall time ÷ (the sum of its trials' times ÷ concurrency),
-and the mean time of a grid trial beside its pure training time (a trial's fixed cost: starting a TorchTrainer).
+Also reported: `tokens_ratio`, the tokens all grid trials trained on ÷ those of ASHA's trials (the work ASHA
+saves, before each trial's fixed start-up cost); `tune_overhead`, the grid sweep's wall time ÷ (the sum of its
+trials' times ÷ concurrency); `grid_trial_s`, the mean time of a grid trial.
 
     python bench/tune.py            # 3 repeats (3 shuffles), 9 configurations, 1.2M tokens per trial
     python bench/tune.py --quick    # 1 repeat, 6 configurations, 150k tokens per trial
@@ -82,6 +83,11 @@ def time_to_best(sweep: dict) -> float:
     return min(times) - sweep["started"]
 
 
+def trained_tokens(sweep: dict) -> int:
+    """Tokens the sweep's trials trained on, all together (a stopped trial: up to its last validation)."""
+    return sum(max((p["tokens_seen"] for p in t["curve"]), default=0) for t in sweep["trials"])
+
+
 def run_sweeps(overrides: list[str], work: Path, order: list[str]) -> dict[str, dict]:
     """The sweeps one after the other (A/B, then B/A in the next repeat), each in a fresh child process with its own
     embedded Ray on all cores. Not side by side: with two Ray instances on one machine, Ray Train's placement-group
@@ -142,6 +148,7 @@ def main() -> None:
         ratios.append(ttb["grid"] / ttb["asha"])
         trial_seconds = [t["seconds"] for t in grid["trials"] if t["seconds"]]
         overheads.append(grid["wall"] / sum(trial_seconds))  # concurrency 1
+        trained = {name: trained_tokens(sweep) for name, sweep in sweeps.items()}
         runs.append(
             {
                 "lr_order": order,
@@ -152,6 +159,7 @@ def main() -> None:
                 "grid_best": grid["summary"]["best_config"],
                 "asha_best": asha["summary"]["best_config"],
                 "asha_stopped": asha["summary"]["stopped_early"],
+                "tokens_ratio": round(trained["grid"] / trained["asha"], 2),
                 "grid_trial_s": round(statistics.mean(trial_seconds), 1),
             }
         )
@@ -172,6 +180,7 @@ def main() -> None:
                 "grid_wall_s": middle["grid_wall_s"],
                 "asha_wall_s": middle["asha_wall_s"],
                 "asha_stopped": middle["asha_stopped"],
+                "tokens_ratio": middle["tokens_ratio"],
                 "trials": len(lrs) * len(batch_sizes),
                 "budget_tokens": budget,
                 "grid_trial_s": middle["grid_trial_s"],

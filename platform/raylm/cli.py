@@ -169,7 +169,9 @@ def _stop_gracefully_on_sigterm(terminated: threading.Event) -> None:
         if terminated.is_set():
             return
         terminated.set()
-        raise KeyboardInterrupt
+        # Whatever handles Ctrl-C now handles this: Python's KeyboardInterrupt, or, during a sweep, Ray Tune's
+        # handler, which stops the trials and saves the sweep's state so that it can resume.
+        signal.raise_signal(signal.SIGINT)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

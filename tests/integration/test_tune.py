@@ -112,11 +112,13 @@ def test_asha_stops_the_weak_survives_a_diverging_trial_and_registers_the_best(p
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path):
-    """Ctrl-C `raylm tune` while its second trial is training; the same command again does not rerun the finished
-    trial, resumes the interrupted one from its checkpoint, and runs the one not yet started."""
+@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signal_name, exit_code):
+    """Ctrl-C (or SIGTERM: `ray job stop`) `raylm tune` while its second trial is training; the same command again
+    does not rerun the finished trial, resumes the interrupted one from its checkpoint, and runs the one not yet
+    started."""
     overrides = [
-        *tiny_overrides(tmp_path, name="resumed"),
+        *tiny_overrides(tmp_path, name=f"resumed-{signal_name}"),
         "train.max_failures=0",
         f"tune.budget_tokens={BUDGET}",
         f"tune.eval_tokens={EVAL}",
@@ -148,13 +150,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path):
             time.sleep(0.5)
         if not second_trial_checkpointed():
             pytest.fail(f"the second trial never checkpointed: {process.stderr.read().decode()[-3000:]}")
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, signal_name))
         code = process.wait(timeout=90)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     stderr = process.stderr.read().decode()
-    assert code == 130, stderr[-3000:]
+    assert code == exit_code, stderr[-3000:]
     assert "run the same command again to resume" in stderr
     assert not (RunPaths.of(cfg).tune.local / "best.json").exists()
     first, second = sorted(trials_dir.glob("*"))[:2]
