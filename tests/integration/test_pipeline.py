@@ -1,4 +1,5 @@
-"""The whole pipeline in one call, as `raylm pipeline --ask` runs it: prepare -> train -> register -> serve -> ask."""
+"""The whole pipeline in one call, as `raylm pipeline --ask` runs it: prepare -> train or tune -> gate + register ->
+serve -> ask."""
 
 import pytest
 
@@ -40,3 +41,31 @@ def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, t
     assert again["prepare"]["cache"] == "hit"
     assert again["train"] == summary["train"]
     assert again["register"]["new"] is False and again["register"]["version"] == 1
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_sweep_gates_and_serves_the_best_and_skips_what_is_done(ray_cluster, serve_port, tmp_path):
+    overrides = [
+        *tiny_overrides(tmp_path, name="swept"),
+        f"serve.port={serve_port}",
+        'tune.space={"train.lr": {"grid": [3e-3, 1e-5]}}',
+        "tune.scheduler=grid",
+        "tune.budget_tokens=1536",  # 6 steps at batch 8 x seq_len 32
+        "tune.max_concurrent_trials=1",
+    ]
+    cfg = load_config(None, overrides)
+    summary = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=3)
+
+    assert [key for key in summary if key != "stage"] == ["prepare", "tune", "register", "serve", "completion"]
+    assert summary["tune"]["best_config"] == {"train.lr": 3e-3} and summary["tune"]["step"] == 6
+    registered = summary["register"]
+    assert registered["source"] == "tune" and registered["promoted"] and registered["best"] == "swept:1"
+    assert summary["serve"]["version"] == 1 and summary["completion"]["usage"]["completion_tokens"] <= 3
+    version = resolve(RunPaths.of(cfg).registry, "swept:best")
+    assert version.manifest["trial_id"] == summary["tune"]["best_trial"]
+
+    # Again: the shards are cached, the finished sweep reused, the same weights not registered twice.
+    again = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=3)
+    assert again["prepare"]["cache"] == "hit"
+    assert again["tune"] == summary["tune"]
+    assert again["register"]["new"] is False and again["register"]["model"] == "swept:1"

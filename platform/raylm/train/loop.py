@@ -115,7 +115,8 @@ def val_share(data_dir: Location, rank: int, world_size: int) -> torch.Tensor:
     """This rank's validation blocks (every `world_size`-th from `rank`), kept in the shards' compact dtype: a
     rank holds 1/world of the split, read once and evaluated in place each time (re-streaming it through Ray Data
     per evaluation costs seconds each time)."""
-    return torch.from_numpy(np.ascontiguousarray(read_split_blocks(data_dir, "val")[rank::world_size]))
+    # A copy: the blocks come from Arrow's read-only buffers, which torch must not wrap (it warns, rightly).
+    return torch.from_numpy(np.array(read_split_blocks(data_dir, "val")[rank::world_size]))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
