@@ -7,13 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from raylm.storage import Location
-from raylm.train.observe import LOGS_DIR, read_metrics
+from raylm.train.observe import LOGS_DIR, read_metrics, save_figure
 
 RESULTS_CSV, RESULTS_JSON, RESULTS_PNG = "results.csv", "results.json", "results.png"
 
@@ -156,7 +154,7 @@ def plot_results(rows: list[dict[str, Any]], summary: dict[str, Any], target: Lo
     if best:
         by_lr.scatter([best[x_key]], [best["val_loss"]], s=120, facecolors="none", edgecolors="C3", label="best")
     values = [r[x_key] for r in finished]
-    if values and min(values) > 0 and max(values) / min(values) > 10 and not math.isclose(min(values), max(values)):
+    if values and min(values) > 0 and max(values) / min(values) > 10:
         by_lr.set_xscale("log")
     by_lr.set_xlabel(x_key)
     by_lr.set_ylabel("final validation loss")
@@ -164,9 +162,4 @@ def plot_results(rows: list[dict[str, Any]], summary: dict[str, Any], target: Lo
     by_lr.grid(alpha=0.3)
     if by_lr.get_legend_handles_labels()[0]:
         by_lr.legend()
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / RESULTS_PNG
-        fig.savefig(path)
-        target.write_bytes(path.read_bytes())
-    plt.close(fig)
+    save_figure(fig, target)

@@ -10,6 +10,7 @@ appends: for a step logged twice (after a failure) the later line wins.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -156,9 +157,15 @@ def plot_loss_curve(records: list[dict[str, Any]], target: Location, title: str)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, target)
+
+
+def save_figure(fig, target: Location) -> None:
+    """A matplotlib figure as a PNG at `target` (any filesystem), and the figure closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / LOSS_CURVE
-        fig.savefig(path)
-        target.write_bytes(path.read_bytes())
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    target.write_bytes(buffer.getvalue())
     plt.close(fig)
