@@ -128,6 +128,8 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run one stage with stdout kept clean, turning known failures into one-line messages and exit codes."""
     global _summary_stream
+    from raylm.tune_results import SweepInterrupted
+
     config_errors, user_errors = _error_kinds()
     _summary_stream = sys.stdout
 
@@ -146,7 +148,7 @@ def run_stage(
                 return body(cfg, plan)
     except config_errors as err:
         fail(str(err), 2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SweepInterrupted):
         code = 143 if terminated.is_set() else 130
         fail("interrupted: stopped the stage and what it started; run the same command again to resume", code)
     except Exception as err:

@@ -12,6 +12,9 @@ ASHA's time axis is `tokens_seen`, so its rungs compare trials that have trained
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,15 +29,11 @@ from raylm.progress import progress, say
 from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.trainer import build_trainer
-from raylm.tune_results import SweepFailed, show_results, trial_rows, write_results
+from raylm.tune_results import SweepFailed, SweepInterrupted, show_results, trial_rows, write_results
 
 BEST_FILE = "best.json"
 DRIVER_CPUS = 0.01
 """A trial's driver function only waits on its trainer; `{"CPU": 0}` is refused by Tune, a sliver works."""
-
-
-class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the sweep; Tune saved its state and the same command resumes it."""
 
 
 @dataclass(frozen=True)
@@ -190,10 +189,10 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     with progress("tune", total=_expected_trials(cfg)) as update:
         SweepProgress.active = update
         try:
-            grid = build_tuner(cfg, plan, budget, restore, callbacks=[SweepProgress()]).fit()
+            grid, stopped_by_signal = fit_noting_interrupt(build_tuner(cfg, plan, budget, restore, [SweepProgress()]))
         finally:
             SweepProgress.active = None
-    if interrupted(grid, _expected_trials(cfg)):
+    if stopped_by_signal or len(grid) < _expected_trials(cfg):
         raise SweepInterrupted()
     rows = trial_rows(grid, list(cfg.tune.space), budget.tokens, paths.tune)
     summary = summarize(rows, list(cfg.tune.space), budget, time.monotonic() - started)
@@ -203,11 +202,22 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     return summary
 
 
-def interrupted(grid, expected: int) -> bool:
-    """Whether Ctrl-C ended the sweep early. Tune marks the trials it stops on Ctrl-C as terminated, like finished
-    ones; but a finished trial's last result says `done` (so does one ASHA stopped), an interrupted one's does not."""
-    unfinished = [result for result in grid if not result.error and not (result.metrics or {}).get("done")]
-    return bool(unfinished) or len(grid) < expected
+def fit_noting_interrupt(tuner):
+    """`tuner.fit()` and whether Ctrl-C ended it. Tune's SIGINT handler saves the sweep and lets `fit` return normally
+    (its trials look finished); once it fires it puts back the handler it replaced, which is how we know. (A trial's
+    last result is no witness: its `done` flag reaches Tune's saved state or not, by a race.) The old handler goes
+    back either way: after a normal sweep Tune leaves its own installed, and Ctrl-C in a later stage would be lost."""
+    before = signal.getsignal(signal.SIGINT)
+    tune_catches = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    )
+    try:
+        grid = tuner.fit()
+    finally:
+        after = signal.getsignal(signal.SIGINT)
+        if tune_catches:
+            signal.signal(signal.SIGINT, before)
+    return grid, tune_catches and after is before
 
 
 def _expected_trials(cfg: Config) -> int:

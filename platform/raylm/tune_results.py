@@ -20,6 +20,11 @@ class SweepFailed(RuntimeError):
     """No trial of the sweep finished (defined here, away from Ray imports, for the CLI's error mapping)."""
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) stopped the sweep; Tune saved its state and the same command resumes it. Not a
+    KeyboardInterrupt: the signal was handled, and a caller (a test, a notebook) should see an ordinary error."""
+
+
 COLUMNS = ("trial_id", "steps", "tokens_seen", "val_loss", "val_ppl", "status", "seconds")
 
 

@@ -163,8 +163,11 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signa
     first_checkpoints = {p.name: p.stat().st_mtime for p in first.glob("checkpoint_*")}
     second_steps_before = [r["step"] for r in _metric_lines(second)]
 
+    ctrl_c_handler = signal.getsignal(signal.SIGINT)
     summary = run_tune(cfg, plan_resources(cfg, embedded=True))
 
+    # Tune's own Ctrl-C handler is gone once the sweep is over (else Ctrl-C in a later stage would do nothing).
+    assert signal.getsignal(signal.SIGINT) is ctrl_c_handler
     assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
     assert summary["best_config"]["train.lr"] in (3e-3, 2e-3, 1e-3)
     # The finished trial was not trained again.
