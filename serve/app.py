@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from raylm.cluster import local_cores
 from raylm.config import load_config
 from raylm.serving.app import build_app as build_model_app
-from raylm.serving.server import app_options, resolve_model
+from raylm.serving.server import app_options, deployment_options, model_source
 
 
 def build_app(args: dict[str, str]):
@@ -28,6 +28,4 @@ def build_app(args: dict[str, str]):
     model = args.pop("model", None)
     overrides = [f"{key}={value}" for key, value in args.items()] + ([f"serve.model={model}"] if model else [])
     cfg = load_config(config, overrides)
-    served = resolve_model(cfg)
-    options = app_options(cfg, threads=local_cores())
-    return build_model_app(str(served.path), served.name, served.aliases, options, cfg.serve.num_replicas)
+    return build_model_app(model_source(cfg), app_options(cfg, threads=local_cores()), deployment_options(cfg.serve))

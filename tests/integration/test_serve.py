@@ -1,6 +1,11 @@
-"""serve: a real Ray Serve deployment over real HTTP on 127.0.0.1, with an API key."""
+"""serve: a real Ray Serve deployment over real HTTP on 127.0.0.1, with an API key: OpenAI shapes (completions,
+chat, streaming, models), the official `openai` client, batching, every client mistake as a 4xx."""
 
+import json
 import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -20,7 +25,7 @@ def server(prepared, serve_port):
     base, data = prepared
     tree = base.model_dump(mode="json")
     tree["registry"] = {"name": "served"}
-    tree["serve"] = {"port": serve_port, "max_batch_size": 4}
+    tree["serve"] = {"port": serve_port, "max_batch_size": 4, "batch_wait_timeout_s": 0.05}
     cfg = validate_config(tree)
     register_untrained_model(cfg, data, "served")
 
@@ -79,19 +84,56 @@ def test_models_and_health(server):
         ({"prompt": "a", "bogus": 1}, 400, "bogus"),
         ({"prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
         ({"prompt": "a", "model": "nope"}, 404, "model"),
+        ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+        ({"prompt": ["a", ""]}, 400, "prompt.1"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": "a", "n": 2}, 400, "n"),
+        ({"prompt": "a", "stream": "yes"}, 400, "stream"),
+        ({"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+        ([1, 2], 400, None),
     ],
 )
 def test_client_mistakes_get_4xx_with_an_error_object(server, body, status, param):
     _, client, _ = server
-    kwargs = (
-        {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, str) else {"json": body}
-    )
-    response = client.post("/v1/completions", **kwargs)
+    response = _post(client, "/v1/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param
     assert "Traceback" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
+        ("[", 400, None),
+    ],
+)
+def test_chat_mistakes_get_4xx_with_an_error_object(server, body, status, param):
+    _, client, _ = server
+    response = _post(client, "/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def _post(client: httpx.Client, path: str, body) -> httpx.Response:
+    if isinstance(body, str):
+        return client.post(path, content=body, headers={"Content-Type": "application/json"})
+    return client.post(path, json=body)
+
+
+def test_a_body_over_the_limit_is_413(server):
+    _, client, _ = server
+    response = client.post("/v1/completions", json={"prompt": "a" * (2 << 20)})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
 
 def test_prompt_over_the_context_names_the_numbers(server):
@@ -130,3 +172,121 @@ def test_a_second_port_on_the_same_cluster_is_refused(server):
     other = validate_config({**cfg.model_dump(mode="json"), "serve": {"port": free_port()}})
     with pytest.raises(ServeConfigError, match=r"already listens on 127\.0\.0\.1"):
         start_serving(other, plan_resources(other, embedded=True))
+
+
+def test_a_list_of_prompts_gets_one_choice_each(server):
+    _, client, _ = server
+    prompts = ["The river", "An old miller walked"]
+    body = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 4, "temperature": 0}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    alone = [
+        client.post("/v1/completions", json={"prompt": p, "max_tokens": 4, "temperature": 0}).json() for p in prompts
+    ]
+    assert [c["text"] for c in body["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert body["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+
+
+def _events(response: httpx.Response) -> list[tuple[float, str]]:
+    """(arrival time, data) of each server-sent event."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append((time.monotonic(), line[len("data: ") :]))
+    return events
+
+
+def test_streamed_completion_is_sse_ending_with_done_and_equals_the_plain_reply(server):
+    _, client, cfg = server
+    request = {"prompt": "The", "max_tokens": cfg.data.seq_len - 4, "temperature": 0}
+    plain = client.post("/v1/completions", json=request).json()
+    started = time.monotonic()
+    with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    # Tokens arrive as they are generated: the first chunk long before the last.
+    first, last = events[0][0] - started, events[-2][0] - started
+    assert len(chunks) > 5 and first < last / 2, (first, last, len(chunks))
+
+
+def test_chat_completion_and_its_stream(server):
+    _, client, _ = server
+    request = {"messages": [{"role": "user", "content": "The river"}], "max_tokens": 6}
+    response = client.post("/v1/chat/completions", json={**request, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert "\nuser:" not in choice["message"]["content"]  # the default template's stop
+    assert body["usage"]["completion_tokens"] <= 6
+    stream = {**request, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream) as response:
+        events = _events(response)
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+
+
+def test_the_openai_client_streams_and_chats(server):
+    from openai import OpenAI
+
+    summary, _, _cfg = server
+    client = OpenAI(base_url=summary["openai_base_url"], api_key=KEY, max_retries=0)
+    stream = client.completions.create(model="served", prompt="The night", max_tokens=5, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    plain = client.completions.create(model="served", prompt="The night", max_tokens=5, temperature=0)
+    assert streamed == plain.choices[0].text
+    chat = client.chat.completions.create(
+        model="served:latest", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+    pieces = client.chat.completions.create(
+        model="served", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == chat.choices[0].message.content
+    with pytest.raises(Exception) as caught:
+        client.completions.create(model="served", prompt="x", max_tokens=2, top_p=3)
+    assert getattr(caught.value, "status_code", None) == 400
+
+
+def test_concurrent_requests_run_in_batches_larger_than_one(server):
+    """Serve's own batch-size histogram (Ray's Prometheus endpoint) shows batches of more than one request."""
+    summary, client, _ = server
+    request = {"prompt": "The river", "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: client.post("/v1/completions", json=request), range(32)))
+    assert {r.status_code for r in replies} == {200}
+    assert len({r.json()["choices"][0]["text"] for r in replies}) == 1  # batched greedy = greedy
+    assert summary["metrics_url"]
+    deadline = time.monotonic() + 60
+    while True:  # Ray's metrics agent exports every few seconds
+        sizes = _batch_sizes(httpx.get(summary["metrics_url"], timeout=10).text)
+        if sizes or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert sizes, "no serve_actual_batch_size samples exported"
+    assert sizes["count"] > sizes["le_1"], sizes  # some batch held more than one request
+
+
+def _batch_sizes(metrics: str) -> dict[str, float]:
+    """Count of batches, and of batches of size <= 1, from Serve's `ray_serve_actual_batch_size` histogram."""
+    found: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("ray_serve_actual_batch_size") or 'application="raylm"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("ray_serve_actual_batch_size_count"):
+            found["count"] = found.get("count", 0) + value
+        elif re.search(r'le="1(\.0)?"', line):
+            found["le_1"] = found.get("le_1", 0) + value
+    return found if "count" in found else {}

@@ -3,7 +3,7 @@ import torch
 from raylm.config import ModelSection
 from raylm.data.tokenizer import train_bpe
 from raylm.models import build_model
-from raylm.serving.generate import GenerationRequest, generate_batch
+from raylm.serving.generate import GenerationRequest, generate_batch, generate_steps
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 30
 
@@ -58,3 +58,60 @@ def test_padded_embedding_rows_are_never_sampled():
     for request in (GenerationRequest(ids, 8, temperature=0), GenerationRequest(ids, 8, temperature=1.0, seed=1)):
         (result,) = generate_batch(model, tokenizer, [request])
         assert result.token_ids and max(result.token_ids) < len(tokenizer)
+
+
+def test_streamed_deltas_add_up_to_the_reply_and_never_show_a_stop_string():
+    model, tokenizer = _model_and_tokenizer()
+    ids = tokenizer("def", add_special_tokens=False)["input_ids"]
+    free = generate_batch(model, tokenizer, [GenerationRequest(ids, 12, temperature=0)])[0]
+    stop = free.text[3:5] if len(free.text) >= 5 else free.text[-1:]
+    request = GenerationRequest(ids, 12, temperature=0, stop=[stop])
+    (whole,) = generate_batch(model, tokenizer, [request])
+    pieces = [step[0] for step in generate_steps(model, tokenizer, [request]) if step[0] is not None]
+    streamed = "".join(d.text for d in pieces)
+    assert streamed == whole.text and stop not in streamed
+    # A piece never runs ahead into text the stop string later cuts.
+    assert all(whole.text.startswith("".join(d.text for d in pieces[: i + 1])) for i in range(len(pieces)))
+    assert pieces[-1].finish_reason == whole.finish_reason == "stop"
+    assert all(d.finish_reason is None for d in pieces[:-1])
+
+
+def test_first_step_logits_of_a_padded_row_match_the_row_alone():
+    """Left padding must not change what a row computes: fp32, deterministic algorithms, within 1e-4 (where a
+    near-tie could flip a greedy token, the logits are the thing to compare)."""
+    model, tokenizer = _model_and_tokenizer()
+    torch.use_deterministic_algorithms(True)
+    try:
+        short = tokenizer("class", add_special_tokens=False)["input_ids"]
+        long = tokenizer("import os\nprint(os.getcwd())", add_special_tokens=False)["input_ids"]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (len(long) - len(short)) + short, long])
+        mask = torch.tensor([[0] * (len(long) - len(short)) + [1] * len(short), [1] * len(long)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            alone = model(input_ids=torch.tensor([short])).logits[0, -1]
+        assert torch.allclose(batched[0], alone, atol=1e-4)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_int8_quantizes_gpt2_conv1d_layers_and_stays_close():
+    from raylm.serving.quantize import int8_fraction, quantize_int8
+
+    model, tokenizer = _model_and_tokenizer()
+    ids = torch.tensor([tokenizer("def add(a, b):", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        full = model(ids).logits
+    assert int8_fraction(model) == 0
+    fraction = quantize_int8(model)
+    # Every projection of every block (GPT-2's Conv1D) is int8; the tied embedding/head matrix is not.
+    blocks = sum(
+        p.numel() for n, p in model.named_parameters() if ".h." in n and n.endswith(".weight") and p.dim() == 2
+    )
+    everything = sum(p.numel() for p in model.parameters())
+    assert abs(fraction - blocks / everything) < 1e-6 and fraction > 0.5
+    with torch.no_grad():
+        quantized = model(ids).logits
+    assert (quantized - full).abs().max() < 0.05 * full.abs().max()
+    assert (quantized.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9

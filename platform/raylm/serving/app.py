@@ -1,9 +1,10 @@
 """The Ray Serve deployment: a FastAPI ingress with OpenAI-compatible routes over one model, batched with
 `@serve.batch`.
 
-No client input produces a 5xx or a stack trace: the body is parsed here (not by FastAPI, whose 422 shape is not
-OpenAI's), every validation problem becomes a 400 naming the parameter, and unexpected errors become a generic 500
-whose details stay in the replica's log. The API key, when one is set, is checked against its SHA-256: the key
+Every request, streamed or not, goes through one batched generator (`LMServer.generate`): `@serve.batch` gathers
+the requests that arrive within `batch_wait_timeout_s` (up to `max_batch_size`), runs one decoding step for all of
+them at a time, and hands each caller its own row's text as it grows. A streamed reply is that growth sent as
+server-sent events; a plain one is its sum. The API key, when one is set, is checked against its SHA-256: the key
 itself never enters the deployment's arguments, which Serve keeps in its config and shows on its dashboard.
 """
 
@@ -14,82 +15,163 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raylm.serving.generate import GenerationRequest, GenerationResult, generate_batch
+from raylm.serving.chat import render_chat
+from raylm.serving.errors import ClientError, explain, install_error_handlers
+from raylm.serving.generate import Delta, GenerationRequest, generate_steps
 from raylm.serving.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
+    SamplingFields,
     Usage,
-    error_body,
 )
+from raylm.serving.source import LoadedModel, ModelSource, current_version, load_model, resolve_source
+from raylm.serving.stream import merge, sse
 
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20
+WAITING = Delta(None, "", 0)
+"""A row of a batch that mixes two models (only during a swap) whose model's turn has not come yet."""
 
 
-class ClientError(Exception):
-    """A request the client must fix: becomes an OpenAI error object with this status."""
+@dataclass
+class Job:
+    """One prompt to continue, with the model whose tokenizer encoded it."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error_type(status: int) -> str:
-    return {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
+    request: GenerationRequest
+    loaded: LoadedModel
 
 
-def _error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, _error_type(status), param, code), status_code=status)
+@dataclass
+class Reply:
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str = "length"
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.tokens = max(self.tokens, delta.tokens)
+        self.finish_reason = delta.finish_reason or self.finish_reason
 
 
-def install_error_handlers(api: FastAPI) -> None:
-    @api.exception_handler(ClientError)
-    async def _client_error(request: Request, err: ClientError) -> JSONResponse:
-        return _error_response(err.status, err.message, err.param, err.code)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error_response(err.status_code, str(err.detail))
-
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"][1:]) or None
-        return _error_response(400, f"invalid request: {first['msg']}", param)
-
-    @api.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unexpected error serving %s", request.url.path)
-        return _error_response(500, "internal error while serving the request")
+def job_steps(jobs: list[Job]) -> Iterator[list[Delta | None]]:
+    """Decoding steps for a batch. Jobs tokenized for the same model (all of them, except during a swap) decode
+    together; a second model's jobs wait (WAITING) until the first group finishes."""
+    groups: dict[int, list[int]] = {}
+    for row, job in enumerate(jobs):
+        groups.setdefault(id(job.loaded), []).append(row)
+    done: set[int] = set()
+    for rows in groups.values():
+        loaded = jobs[rows[0]].loaded
+        for step in generate_steps(loaded.model, loaded.tokenizer, [jobs[row].request for row in rows]):
+            out: list[Delta | None] = [None if row in done else WAITING for row in range(len(jobs))]
+            for row, delta in zip(rows, step, strict=True):
+                out[row] = delta
+            yield out
+        done.update(rows)
 
 
-def _explain(err: ValidationError) -> "ClientError":
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    if first["type"] == "extra_forbidden":
-        return ClientError(400, f"unknown parameter {param!r}", param, "unknown_parameter")
-    if first["type"] == "missing":
-        return ClientError(400, f"missing required parameter {param!r}", param, "missing_parameter")
-    return ClientError(400, f"invalid {param!r}: {first['msg']}", param, "invalid_value")
+class _Replying:
+    """One response's identity (id, created, model, fingerprint) and its streamed chunks."""
+
+    def __init__(self, params: SamplingFields, loaded: LoadedModel, prefix: str, prompt_tokens: int):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = params.model or loaded.resolved.name
+        self.fingerprint = loaded.resolved.fingerprint
+        self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        self.prompt_tokens = prompt_tokens
+
+    def _identity(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
+
+    async def completion_chunks(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[BaseModel]:
+        tokens: dict[int, int] = {}
+        async for index, delta in deltas:
+            tokens[index] = delta.tokens
+            if delta.text or delta.finish_reason:
+                choice = CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)
+                yield CompletionResponse(**self._identity(), choices=[choice])
+        if self.include_usage:
+            yield CompletionResponse(**self._identity(), choices=[], usage=self.usage(sum(tokens.values())))
+
+    async def chat_chunks(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[BaseModel]:
+        yield ChatCompletionChunk(
+            **self._identity(), choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))]
+        )
+        tokens = 0
+        async for _, delta in deltas:
+            tokens = delta.tokens
+            if delta.text or delta.finish_reason:
+                choice = ChatChunkChoice(
+                    index=0, delta=ChatDelta(content=delta.text or None), finish_reason=delta.finish_reason
+                )
+                yield ChatCompletionChunk(**self._identity(), choices=[choice])
+        if self.include_usage:
+            yield ChatCompletionChunk(**self._identity(), choices=[], usage=self.usage(tokens))
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self.prompt_tokens + completion_tokens,
+        )
 
 
-api = FastAPI(title="raylm", docs_url=None, redoc_url=None)
+def _usage(jobs: list[Job], replies: list[Reply]) -> Usage:
+    prompt = sum(len(job.request.prompt_ids) for job in jobs)
+    completion = sum(reply.tokens for reply in replies)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _parse(kind: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ClientError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return kind.model_validate(body)
+    except ValidationError as err:
+        raise explain(err) from None
+
+
+async def _json_body(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
+        raise ClientError(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ClientError(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ClientError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+
+
+# Everything the routes call is defined above the class: `@serve.ingress` pickles the FastAPI app when the class is
+# defined, and a module-level name defined later would be missing from the copy the replica runs.
+
+
+api = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 
 
@@ -98,31 +180,157 @@ install_error_handlers(api)
 class LMServer:
     def __init__(
         self,
-        model_dir: str,
-        served_name: str,
-        aliases: list[str],
+        source: dict[str, str | None],
         threads: int = 1,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
         max_tokens_limit: int = 512,
         api_key_sha256: str | None = None,
+        quantize: str | None = None,
+        reload_interval_s: float = 5.0,
     ):
-        import torch
-        from transformers import AutoTokenizer
-
-        from raylm.models import context_length, load_pretrained
-
-        torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_pretrained(model_dir).eval()
-        self.context = context_length(self.model)
-        self.served_name = served_name
-        self.names = {served_name, *aliases}
+        self.source = ModelSource(**source)
+        self.threads, self.quantize = threads, quantize
+        self.loaded = load_model(resolve_source(self.source), threads, quantize)
         self.created = int(time.time())
         self.max_tokens_limit = max_tokens_limit
         self.api_key_sha256 = api_key_sha256
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        if self.source.follows_alias and reload_interval_s > 0:
+            threading.Thread(target=self._follow, args=(reload_interval_s,), name="raylm-follow", daemon=True).start()
+
+    # -- the model -----------------------------------------------------------------------------------------------
+
+    def _follow(self, interval_s: float) -> None:
+        """Poll the alias this replica serves; load a newly promoted version beside the old one, then swap."""
+        while True:
+            time.sleep(interval_s)
+            try:
+                if current_version(self.source) == self.loaded.resolved.version:
+                    continue
+                resolved = resolve_source(self.source)
+                self.loaded = load_model(resolved, self.threads, self.quantize)
+                logger.info("now serving %s version %s (%s)", resolved.name, resolved.version, self.source.ref)
+            except Exception:  # keep serving the model we have; the next poll tries again
+                logger.exception("could not load the new version of %s", self.source.ref)
+
+    def check_health(self) -> None:
+        """Serve's health check: the replica must still hold a model."""
+        if self.loaded is None or self.loaded.model is None:
+            raise RuntimeError("no model loaded")
+
+    def _model_for(self, requested: str | None) -> LoadedModel:
+        loaded = self.loaded  # one snapshot per request: a swap mid-request does not mix tokenizers
+        if requested is not None and requested not in loaded.names:
+            raise ClientError(
+                404, f"model {requested!r} is not served here; try {sorted(loaded.names)}", "model", "model_not_found"
+            )
+        return loaded
+
+    # -- routes --------------------------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model": self.loaded.resolved.name}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        names = sorted(self.loaded.names)
+        return ModelList(data=[ModelCard(id=name, created=self.created) for name in names]).model_dump()
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        self._authorize(request)
+        params = _parse(CompletionRequest, await _json_body(request))
+        loaded = self._model_for(params.model)
+        prompts = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in params.prompts]
+        jobs = [self._job(loaded, ids, params.max_tokens, params, params.stop_strings, "prompt") for ids in prompts]
+        reply = _Replying(params, loaded, "cmpl", sum(len(ids) for ids in prompts))
+        if params.stream:
+            return sse(reply.completion_chunks(self._stream(jobs)))
+        replies = await asyncio.gather(*(self._collect(job) for job in jobs))
+        return CompletionResponse(
+            id=reply.id,
+            model=reply.model,
+            system_fingerprint=reply.fingerprint,
+            choices=[
+                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(replies)
+            ],
+            usage=_usage(jobs, replies),
+        ).model_dump()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        params = _parse(ChatCompletionRequest, await _json_body(request))
+        loaded = self._model_for(params.model)
+        text, template_stops = render_chat(loaded.tokenizer, [(m.role, m.text) for m in params.messages])
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        param = "max_completion_tokens" if params.max_completion_tokens else "max_tokens"
+        max_tokens = params.reply_tokens or max(1, min(self.max_tokens_limit, loaded.context - len(ids)))
+        job = self._job(loaded, ids, max_tokens, params, params.stop_strings + template_stops, "messages", param)
+        reply = _Replying(params, loaded, "chatcmpl", len(ids))
+        if params.stream:
+            return sse(reply.chat_chunks(self._stream([job])))
+        (answer,) = await asyncio.gather(self._collect(job))
+        return ChatCompletionResponse(
+            id=reply.id,
+            model=reply.model,
+            system_fingerprint=reply.fingerprint,
+            choices=[
+                ChatChoice(index=0, message=AssistantMessage(content=answer.text), finish_reason=answer.finish_reason)
+            ],
+            usage=_usage([job], [answer]),
+        ).model_dump()
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def _job(
+        self,
+        loaded: LoadedModel,
+        prompt_ids: list[int],
+        max_tokens: int,
+        params: SamplingFields,
+        stop: list[str],
+        prompt_param: str,
+        tokens_param: str = "max_tokens",
+    ) -> Job:
+        if not prompt_ids:
+            raise ClientError(400, f"the {prompt_param} encode to no tokens", prompt_param)
+        if max_tokens > self.max_tokens_limit:
+            raise ClientError(
+                400, f"{tokens_param}={max_tokens} is over this server's limit of {self.max_tokens_limit}", tokens_param
+            )
+        if len(prompt_ids) + max_tokens > loaded.context:
+            raise ClientError(
+                400,
+                f"the prompt ({len(prompt_ids)} tokens) plus {tokens_param} ({max_tokens}) is over the model's context "
+                f"of {loaded.context} tokens",
+                tokens_param,
+                "context_length_exceeded",
+            )
+        request = GenerationRequest(prompt_ids, max_tokens, params.temperature, params.top_p, params.seed, stop)
+        return Job(request, loaded)
+
+    async def _collect(self, job: Job) -> Reply:
+        reply = Reply()
+        async for delta in self.generate(job):
+            reply.add(delta)
+        return reply
+
+    def _stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+        return merge([self.generate(job) for job in jobs])
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
+        # Each step is compute-bound: run it off the event loop so health checks and new requests keep flowing.
+        steps = job_steps(jobs)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [StopIteration if delta is None else delta for delta in step]
+
+    # -- authentication ------------------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
         if self.api_key_sha256 is None:
@@ -134,81 +342,10 @@ class LMServer:
                 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
             )
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.served_name}
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        return ModelList(data=[ModelCard(id=name, created=self.created) for name in sorted(self.names)]).model_dump()
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        body = await self._json_body(request)
-        try:
-            params = CompletionRequest.model_validate(body)
-        except ValidationError as err:
-            raise _explain(err) from None
-        if params.model is not None and params.model not in self.names:
-            raise ClientError(
-                404, f"model {params.model!r} is not served here; try {sorted(self.names)}", "model", "model_not_found"
-            )
-        prompt_ids = self.tokenizer(params.prompt, add_special_tokens=False)["input_ids"]
-        self._check_lengths(len(prompt_ids), params.max_tokens)
-        result: GenerationResult = await self.generate(
-            GenerationRequest(
-                prompt_ids=prompt_ids,
-                max_new_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                stop=params.stop_strings,
-            )
-        )
-        completion = len(result.token_ids)
-        return CompletionResponse(
-            model=params.model or self.served_name,
-            choices=[CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)],
-            usage=Usage(
-                prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion
-            ),
-        ).model_dump()
-
-    async def _json_body(self, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ClientError(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ClientError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
-
-    def _check_lengths(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens > self.max_tokens_limit:
-            raise ClientError(
-                400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}", "max_tokens"
-            )
-        if prompt_tokens + max_tokens > self.context:
-            raise ClientError(
-                400,
-                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the model's context of "
-                f"{self.context} tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        # Generation is compute-bound: run it off the event loop so health checks and new requests keep flowing.
-        return await asyncio.to_thread(generate_batch, self.model, self.tokenizer, requests)
-
-
-def build_app(model_dir: str, served_name: str, aliases: list[str], options: dict[str, Any], num_replicas: int = 1):
-    """The Serve application for one model (`options`: threads, batching and limits, the API key's hash)."""
-    # Serve's default of 5 ongoing requests per replica would cap every batch at 5.
-    ongoing = 2 * options.get("max_batch_size", 8)
-    return LMServer.options(num_replicas=num_replicas, max_ongoing_requests=ongoing).bind(
-        model_dir, served_name, aliases, **options
+def build_app(source: ModelSource, options: dict[str, Any], deployment: dict[str, Any]):
+    """The Serve application for one model. `options`: the replica's (threads, batching, limits, the API key's hash,
+    quantization); `deployment`: Serve's (replicas or autoscaling, queue limits, health checks, shutdown)."""
+    return LMServer.options(**deployment).bind(
+        {"path": source.path, "registry": source.registry, "ref": source.ref}, **options
     )

@@ -1,12 +1,14 @@
-"""Batched generation for requests of different lengths and settings.
+"""Batched generation for requests of different lengths and settings, one decoding step at a time.
 
 Prompts are left-padded into one batch (position ids follow each row's real tokens, the attention mask hides the
 padding) and decoded step by step with the KV cache. Each row keeps its own `max_new_tokens`, temperature, top-p,
-seed and stop strings, and stops on its own; the batch ends when every row has.
+seed and stop strings, and stops on its own; the batch ends when every row has. `generate_steps` yields after every
+step the text each row gained (what streaming sends); `generate_batch` runs it to the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,45 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+
+
+@dataclass
+class Delta:
+    """What one row gained in one step: the token (None for the end-of-text token, which is not part of the reply),
+    new text (possibly empty: held back, or half a character), the reply's token count so far, and the finish
+    reason on the row's last delta."""
+
+    token_id: int | None
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+class RowText:
+    """One row's decoded text as it grows. Text is released only once it cannot turn into a stop string or is not
+    half of a multi-byte character, so a streamed reply never shows what the whole reply would have cut."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.sent = 0
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cuts = [text.index(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def stopped(self) -> bool:
+        return bool(self.stop) and any(s in self.tokenizer.decode(self.token_ids) for s in self.stop)
+
+    def delta(self, finished: bool) -> str:
+        text = self.text()
+        ready = text if finished else text[: max(self.sent, len(text) - self.holdback)]
+        if not finished:
+            ready = ready.rstrip("\ufffd")  # a token that ends inside a UTF-8 character: wait for the rest
+        new, self.sent = ready[self.sent :], max(self.sent, len(ready))
+        return new
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +106,14 @@ def _generators(requests: list[GenerationRequest]) -> list[torch.Generator | Non
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:
+def generate_steps(model, tokenizer, requests: list[GenerationRequest]) -> Iterator[list[Delta | None]]:
+    """After each decoding step, one entry per request: its `Delta`, or None once it finished in an earlier step."""
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = _generators(requests)
-    outputs: list[list[int]] = [[] for _ in requests]
+    rows = [RowText(tokenizer, r.stop) for r in requests]
     finish: list[str | None] = [None] * len(requests)
     past = None
     vocab = len(tokenizer)  # a model may have padded embedding rows (model.vocab_multiple): never sample them
@@ -79,33 +121,41 @@ def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = out.past_key_values
         next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)
+        step: list[Delta | None] = []
         for row, request in enumerate(requests):
             if finish[row] is not None:
+                step.append(None)
                 continue
             token = _pick(out.logits[row, -1, :vocab], request, generators[row])
             next_ids[row, 0] = token
-            finish[row] = _finished(tokenizer, request, outputs[row], token, eos_id)
+            finish[row] = _finished(rows[row], request, token, eos_id)
+            text = rows[row]
+            kept = None if token == eos_id else token
+            step.append(Delta(kept, text.delta(finish[row] is not None), len(text.token_ids), finish[row]))
+        yield step
         if all(reason is not None for reason in finish):
-            break
+            return
         ids = next_ids
         mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
-    return [_result(tokenizer, r, o, f or "length") for r, o, f in zip(requests, outputs, finish, strict=True)]
 
 
-def _finished(tokenizer, request: GenerationRequest, output: list[int], token: int, eos_id: int) -> str | None:
-    """Append `token` to `output` unless it ends the row; return the finish reason once the row is done."""
+def _finished(row: RowText, request: GenerationRequest, token: int, eos_id: int) -> str | None:
+    """Add `token` to the row unless it ends it; the finish reason once the row is done."""
     if token == eos_id:
         return "stop"
-    output.append(token)
-    if request.stop and any(s in tokenizer.decode(output) for s in request.stop):
+    row.token_ids.append(token)
+    if row.stopped():
         return "stop"
-    return "length" if len(output) >= request.max_new_tokens else None
+    return "length" if len(row.token_ids) >= request.max_new_tokens else None
 
 
-def _result(tokenizer, request: GenerationRequest, output: list[int], reason: str) -> GenerationResult:
-    text = tokenizer.decode(output, skip_special_tokens=True)
-    for stop in request.stop:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return GenerationResult(token_ids=output, text=text, finish_reason=reason)
+def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    results = [GenerationResult([], "", "length") for _ in requests]
+    for step in generate_steps(model, tokenizer, requests):
+        for result, delta in zip(results, step, strict=True):
+            if delta is not None:
+                result.token_ids += [] if delta.token_id is None else [delta.token_id]
+                result.text += delta.text
+                result.finish_reason = delta.finish_reason or result.finish_reason
+    return results

@@ -6,14 +6,13 @@ import hashlib
 import ipaddress
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raylm.cluster import ResourcePlan
 from raylm.config import Config, ServeSection
-from raylm.registry import resolve, version_aliases
 from raylm.runs import RunPaths
+from raylm.serving.source import ModelSource, resolve_source
 
 APP_NAME = "raylm"
 API_KEY_ENV = "RAYLM_API_KEY"
@@ -23,33 +22,12 @@ class ServeConfigError(ValueError):
     """Serving was asked for something unsafe or impossible (a public bind without an API key, ...)."""
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    path: Path
-    name: str
-    aliases: list[str]
-    version: int | None
-
-
-def resolve_model(cfg: Config) -> ServedModel:
-    """`serve.model` as a model directory, or a registry reference (default: `<model name>:latest`). A version in a
-    remote registry is downloaded once to a local cache (`~/.cache/raylm/models/`), keyed by its weights' hash."""
+def model_source(cfg: Config) -> ModelSource:
+    """`serve.model` as a model directory, or a registry reference (default: `<model name>:latest`)."""
     ref = cfg.serve.model or f"{cfg.model_name}:latest"
     if Path(ref).expanduser().is_dir():
-        path = Path(ref).expanduser().resolve()
-        return ServedModel(path, path.name, [], None)
-    registry = RunPaths.of(cfg).registry
-    found = resolve(registry, ref)
-    # The names requests may use: the version, and the aliases that point at it now (`name:latest`, `name:best`).
-    aliases = [*version_aliases(registry, found.name, found.version), found.ref]
-    if found.path.is_local:
-        return ServedModel(found.path.local, found.name, aliases, found.version)
-    cache = Path(os.environ.get("RAYLM_CACHE", "~/.cache/raylm")).expanduser() / "models"
-    local = cache / f"{found.name}-{found.version}-{found.manifest['weights_sha256'][:12]}"
-    if not local.is_dir():
-        partial = found.path.download(local.with_name(f".{local.name}.{os.getpid()}.partial"))
-        partial.rename(local)  # complete or absent, even if two servers start at once
-    return ServedModel(local, found.name, aliases, found.version)
+        return ModelSource(path=str(Path(ref).expanduser().resolve()))
+    return ModelSource(registry=str(RunPaths.of(cfg).registry), ref=ref)
 
 
 def api_key(section: ServeSection) -> str | None:
@@ -73,6 +51,7 @@ def is_loopback(host: str) -> bool:
 
 
 def app_options(cfg: Config, threads: int) -> dict[str, Any]:
+    """The replica's arguments: threads, batching and limits, quantization, and the API key's hash (never the key)."""
     key = api_key(cfg.serve)
     if key is None and not is_loopback(cfg.serve.host):
         raise ServeConfigError(
@@ -85,7 +64,32 @@ def app_options(cfg: Config, threads: int) -> dict[str, Any]:
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "max_tokens_limit": cfg.serve.max_tokens_limit,
         "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+        "quantize": cfg.serve.quantize,
+        "reload_interval_s": cfg.serve.reload_interval_s,
     }
+
+
+def deployment_options(section: ServeSection, cpus_per_replica: float = 1) -> dict[str, Any]:
+    """Serve's options for the deployment: replicas (or autoscaling), how many requests a replica takes and how
+    many may wait (a finite queue: overload gets a fast 503 with Retry-After), health checks and shutdown."""
+    scaling = (
+        {"autoscaling_config": section.autoscaling.model_dump()}
+        if section.autoscaling
+        else {"num_replicas": section.num_replicas}
+    )
+    return {
+        **scaling,
+        "max_ongoing_requests": section.ongoing_requests,
+        "max_queued_requests": section.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": section.retry_after_s},
+        "health_check_period_s": section.health_check_period_s,
+        "graceful_shutdown_timeout_s": section.graceful_shutdown_timeout_s,
+        "ray_actor_options": {"num_cpus": cpus_per_replica},
+    }
+
+
+def http_options(section: ServeSection) -> dict[str, Any]:
+    return {"host": section.host, "port": section.port, "request_timeout_s": section.request_timeout_s}
 
 
 def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> dict[str, Any]:
@@ -96,12 +100,12 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     from raylm.serving.app import build_app
 
     quiet_logger("ray.serve")
-    model = resolve_model(cfg)
+    source = model_source(cfg)
+    model = resolve_source(source)  # fail here, with the registry's message, before deploying anything
     options = app_options(cfg, plan.cpus_per_worker)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=http_options(cfg.serve))
     _check_http_options(cfg.serve)
-    app = build_app(str(model.path), model.name, model.aliases, options, cfg.serve.num_replicas)
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{host}:{cfg.serve.port}"
     wait_until_healthy(url, timeout_s)
@@ -111,9 +115,20 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
         "openai_base_url": f"{url}/v1",
         "model": model.name,
         "version": model.version,
+        "follows": source.ref if source.follows_alias and cfg.serve.reload_interval_s > 0 else None,
         "model_dir": str(model.path),
         "api_key_required": options["api_key_sha256"] is not None,
+        "metrics_url": metrics_url(),
     }
+
+
+def metrics_url() -> str | None:
+    """Where this node's Prometheus metrics are (Ray's metrics agent: Serve's `ray_serve_*` and raylm's own)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node  # Ray exposes the port only here
+    port = getattr(node, "metrics_export_port", None)
+    return f"http://{node.node_ip_address}:{port}/metrics" if port else None
 
 
 def _check_http_options(section: ServeSection) -> None:

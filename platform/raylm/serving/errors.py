@@ -1,0 +1,78 @@
+"""Client errors as OpenAI error objects: `{"error": {"message", "type", "param", "code"}}`.
+
+No client input produces a 5xx or a stack trace: the body is parsed by the routes (not by FastAPI, whose 422 shape
+is not OpenAI's), every validation problem becomes a 400 naming the parameter, and unexpected errors become a
+generic 500 whose details stay in the replica's log.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raylm.serving.schemas import error_body
+
+logger = logging.getLogger("ray.serve")
+
+
+class ClientError(Exception):
+    """A request the client must fix: becomes an OpenAI error object with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_type(status: int) -> str:
+    return {401: "authentication_error", 404: "not_found_error", 408: "timeout_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type(status), param, code), status_code=status)
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(ClientError)
+    async def _client_error(request: Request, err: ClientError) -> JSONResponse:
+        return error_response(err.status, err.message, err.param, err.code)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        return error_response(400, f"invalid request: {first['msg']}", param)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error serving %s", request.url.path)
+        return error_response(500, "internal error while serving the request")
+
+
+def explain(err: ValidationError) -> ClientError:
+    """The problem pydantic found, as a 400 naming the parameter (`messages.0.role`, `prompt.1`, ...)."""
+    # Union members add their type to the location (`prompt.str`, `prompt.list[...].1`): the client sent `prompt`.
+    # Of a union's errors the deepest is the one about what was sent (a list's bad item, not "is not a string").
+    located = [(err_, [str(p) for p in err_["loc"] if not _is_union_tag(p)]) for err_ in err.errors()]
+    first, loc = max(located, key=lambda pair: len(pair[1]))
+    param = ".".join(loc) or None
+    if first["type"] == "extra_forbidden":
+        return ClientError(400, f"unknown parameter {param!r}", param, "unknown_parameter")
+    if first["type"] == "missing":
+        return ClientError(400, f"missing required parameter {param!r}", param, "missing_parameter")
+    return ClientError(400, f"invalid {param!r}: {first['msg']}", param, "invalid_value")
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or part.startswith(("list[", "constrained-str", "literal["))
+    )
