@@ -1,7 +1,7 @@
 """The raylm model server as a Ray Serve application builder, for Serve's own tooling.
 
-    serve run serve.app:build_app config=jobs/configs/tiny.yaml             # a registered model, `<name>:latest`
-    serve run serve.app:build_app config=jobs/configs/tiny.yaml model=tiny:2
+    serve run serve.app:app config=jobs/configs/tiny.yaml                   # a registered model, `<name>:latest`
+    serve run serve.app:app config=jobs/configs/tiny.yaml model=tiny:best serve.max_batch_size=16
     serve deploy serve/config.yaml                                          # on a running cluster
 
 `raylm serve` does the same and also checks the bind address, waits until the model answers, and prints its URL.
@@ -29,3 +29,7 @@ def build_app(args: dict[str, str]):
     overrides = [f"{key}={value}" for key, value in args.items()] + ([f"serve.model={model}"] if model else [])
     cfg = load_config(config, overrides)
     return build_model_app(model_source(cfg), app_options(cfg, threads=local_cores()), deployment_options(cfg.serve))
+
+
+app = build_app
+"""`serve run serve.app:app key=value ...`: Serve calls a builder with the command line's arguments."""

@@ -64,8 +64,9 @@ def tiny_overrides(run_dir: Path, name: str = "t") -> list[str]:
     ]
 
 
-def register_untrained_model(cfg, data: dict, name: str):
-    """Register a model made the way training makes its checkpoints, without a Ray Train run (fast)."""
+def register_untrained_model(cfg, data: dict, name: str, seed: int = 0):
+    """Register a model made the way training makes its checkpoints, without a Ray Train run (fast). The same seed
+    makes the same weights, which the registry keeps as one version."""
     import torch
 
     from raylm.models import build_model
@@ -73,7 +74,7 @@ def register_untrained_model(cfg, data: dict, name: str):
     from raylm.runs import RunPaths
     from raylm.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg.model, data["vocab_size"], cfg.data.seq_len, 0, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

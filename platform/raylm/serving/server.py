@@ -141,6 +141,11 @@ def _check_http_options(section: ServeSection) -> None:
             f"Ray Serve already listens on {running.host}:{running.port} in this cluster and cannot move to "
             f"serve.host={section.host}, serve.port={section.port}: use those, or `serve shutdown` first"
         )
+    if running.request_timeout_s != section.request_timeout_s:
+        raise ServeConfigError(
+            f"Ray Serve in this cluster already times requests out after {running.request_timeout_s}s, not "
+            f"serve.request_timeout_s={section.request_timeout_s}: use that, or `serve shutdown` first"
+        )
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:
