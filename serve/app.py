@@ -28,7 +28,9 @@ def build_app(args: dict[str, str]):
     model = args.pop("model", None)
     overrides = [f"{key}={value}" for key, value in args.items()] + ([f"serve.model={model}"] if model else [])
     cfg = load_config(config, overrides)
-    return build_model_app(model_source(cfg), app_options(cfg, threads=local_cores()), deployment_options(cfg.serve))
+    return build_model_app(
+        model_source(cfg), app_options(cfg, threads=cfg.serve.threads or local_cores()), deployment_options(cfg.serve)
+    )
 
 
 app = build_app

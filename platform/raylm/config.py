@@ -381,6 +381,8 @@ class ServeSection(_Section):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSection | None = None
     """Set to autoscale between min_replicas and max_replicas instead of a fixed num_replicas."""
+    threads: int | None = Field(None, ge=1)
+    """Torch threads per replica (default: what a training worker would get on this cluster)."""
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_tokens_limit: int = Field(512, ge=1)

@@ -115,3 +115,20 @@ def test_int8_quantizes_gpt2_conv1d_layers_and_stays_close():
         quantized = model(ids).logits
     assert (quantized - full).abs().max() < 0.05 * full.abs().max()
     assert (quantized.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_cancelled_request_stops_at_the_next_step_and_a_batch_of_them_ends():
+    model, tokenizer = _model_and_tokenizer()
+    ids = tokenizer("def", add_special_tokens=False)["input_ids"]
+    kept, dropped = GenerationRequest(ids, 20, temperature=0), GenerationRequest(ids, 50, temperature=0)
+    steps = generate_steps(model, tokenizer, [kept, dropped])
+    next(steps)
+    dropped.cancelled.set()
+    rest = list(steps)
+    assert all(step[1] is None for step in rest)  # the cancelled row is done from the next step on
+    assert len(rest) == 19  # the batch ends with the row still wanted, not with the cancelled one's 50
+    alone = GenerationRequest(ids, 50, temperature=0)
+    steps = generate_steps(model, tokenizer, [alone])
+    next(steps)
+    alone.cancelled.set()
+    assert list(steps) == []

@@ -316,12 +316,20 @@ class LMServer:
 
     async def _collect(self, job: Job) -> Reply:
         reply = Reply()
-        async for delta in self.generate(job):
-            reply.add(delta)
+        try:
+            async for delta in self.generate(job):
+                reply.add(delta)
+        finally:  # timed out or disconnected: stop spending steps on it
+            job.request.cancelled.set()
         return reply
 
-    def _stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
-        return merge([self.generate(job) for job in jobs])
+    async def _stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+        try:
+            async for item in merge([self.generate(job) for job in jobs]):
+                yield item
+        finally:
+            for job in jobs:
+                job.request.cancelled.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:

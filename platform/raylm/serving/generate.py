@@ -8,6 +8,7 @@ step the text each row gained (what streaming sends); `generate_batch` runs it t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when nobody waits for the reply any more (timed out, disconnected): the row stops at the next step."""
 
 
 @dataclass
@@ -107,7 +110,8 @@ def _generators(requests: list[GenerationRequest]) -> list[torch.Generator | Non
 
 @torch.no_grad()
 def generate_steps(model, tokenizer, requests: list[GenerationRequest]) -> Iterator[list[Delta | None]]:
-    """After each decoding step, one entry per request: its `Delta`, or None once it finished in an earlier step."""
+    """After each decoding step, one entry per request: its `Delta`, or None once it finished (or was cancelled) in an
+    earlier step. A batch whose requests were all cancelled stops early."""
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id)
@@ -118,6 +122,11 @@ def generate_steps(model, tokenizer, requests: list[GenerationRequest]) -> Itera
     past = None
     vocab = len(tokenizer)  # a model may have padded embedding rows (model.vocab_multiple): never sample them
     for _ in range(max(r.max_new_tokens for r in requests)):
+        for row, request in enumerate(requests):
+            if finish[row] is None and request.cancelled.is_set():
+                finish[row] = "cancelled"
+        if all(reason is not None for reason in finish):
+            return
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = out.past_key_values
         next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)

@@ -102,7 +102,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     quiet_logger("ray.serve")
     source = model_source(cfg)
     model = resolve_source(source)  # fail here, with the registry's message, before deploying anything
-    options = app_options(cfg, plan.cpus_per_worker)
+    options = app_options(cfg, cfg.serve.threads or plan.cpus_per_worker)
     serve.start(http_options=http_options(cfg.serve))
     _check_http_options(cfg.serve)
     serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
