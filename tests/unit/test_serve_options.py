@@ -1,0 +1,55 @@
+"""The serve stage's options without Ray: bind safety, Serve's deployment options from `serve.*`, chat prompts."""
+
+import pytest
+
+from raylm.config import ConfigError, load_config
+from raylm.data.tokenizer import train_bpe
+from raylm.serving.chat import DEFAULT_STOP, render_chat
+from raylm.serving.server import ServeConfigError, app_options, deployment_options, http_options
+
+
+def test_a_public_bind_needs_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    public = load_config(None, ["serve.host=0.0.0.0"])
+    with pytest.raises(ServeConfigError, match=r"serve.host=0.0.0.0 would expose the model .* RAYLM_API_KEY"):
+        app_options(public, threads=1)
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-a-file\n")
+    options = app_options(load_config(None, ["serve.host=0.0.0.0", f"serve.api_key_file={key_file}"]), threads=1)
+    assert options["api_key_sha256"] and "sk-from-a-file" not in str(options)  # only the hash travels
+    assert app_options(load_config(None, []), threads=1)["api_key_sha256"] is None  # loopback: no key needed
+
+
+def test_serve_fields_become_serves_deployment_and_http_options():
+    cfg = load_config(None, ["serve.max_batch_size=4", "serve.max_queued_requests=10", "serve.retry_after_s=2"])
+    options = deployment_options(cfg.serve)
+    assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+    assert options["max_ongoing_requests"] == 8  # two batches' worth by default
+    assert options["max_queued_requests"] == 10
+    assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 2.0}
+    scaled = deployment_options(load_config(None, ["serve.autoscaling={min_replicas: 1, max_replicas: 3}"]).serve)
+    assert scaled["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in scaled
+    assert http_options(cfg.serve) == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60.0}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("serve.max_ongoing_requests=2", "no batch could ever fill"),
+        ("serve.autoscaling={min_replicas: 3, max_replicas: 2}", "min_replicas"),
+        ("serve.quantize=int4", "serve.quantize"),
+        ("serve.max_queued_requests=0", "serve.max_queued_requests"),
+    ],
+)
+def test_impossible_serve_settings_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["serve.max_batch_size=4", override])
+
+
+def test_chat_without_a_template_uses_the_documented_default():
+    tokenizer = train_bpe(["user: hello\nassistant: hi\n"] * 20, vocab_size=280)
+    text, stops = render_chat(tokenizer, [("system", "Be brief."), ("user", "Hello?")])
+    assert text == "system: Be brief.\nuser: Hello?\nassistant:" and stops == [DEFAULT_STOP]
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    text, stops = render_chat(tokenizer, [("user", "Hello?")])
+    assert text == "<user>Hello?<assistant>" and stops == []
