@@ -1,0 +1,53 @@
+"""Serve's own tooling runs raylm's application: `serve run serve.app:app key=value ...` against a running
+cluster deploys the same OpenAI-compatible app that `raylm serve` does."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raylm.config import validate_config
+from raylm.serving.server import http_options, stop_serving, wait_until_healthy
+from tests.conftest import REPO, register_untrained_model
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_serve_run_deploys_raylms_app_from_the_registry(prepared, serve_port, ray_cluster):
+    from ray import serve
+
+    base, data = prepared
+    tree = base.model_dump(mode="json")
+    tree["serve"] = {"port": serve_port}
+    cfg = validate_config(tree)
+    register_untrained_model(cfg, data, "viaserve")
+    serve.start(http_options=http_options(cfg.serve))  # Serve's proxy on this session's port (once per cluster)
+    command = [
+        str(Path(sys.executable).with_name("serve")),
+        "run",
+        "--non-blocking",
+        "--address",
+        ray_cluster.get_runtime_context().gcs_address,
+        "--name",
+        "raylm",
+        "serve.app:app",
+        f"run.dir={cfg.run.dir}",
+        "model=viaserve:latest",
+        "serve.max_batch_size=2",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        url = f"http://127.0.0.1:{serve_port}"
+        wait_until_healthy(url, 120)
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "viaserve" and body["system_fingerprint"].startswith("raylm-viaserve-v1-")
+        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        assert models == {"viaserve", "viaserve:1", "viaserve:latest"}
+    finally:
+        stop_serving()
