@@ -297,6 +297,24 @@ def serve(
 
 
 @app.command()
+def doctor(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Check versions, the cluster's resources against the config, run.dir (writable, shared by every node), Ray's
+    auth mode and the size of a job upload; exit 1 if any check fails."""
+    from raylm.doctor import run_doctor
+
+    cfg = load(config, overrides)
+    summary = run_stage(cfg, address, verbose, run_doctor)
+    emit(summary)
+    if not summary["ok"]:
+        fail("doctor: " + "; ".join(f"{c['check']}: {c['reason']}" for c in summary["checks"] if c["status"] == "fail"))
+
+
+@app.command()
 def pipeline(
     config: ConfigOption = None,
     overrides: Overrides = None,

@@ -14,8 +14,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raylm.config import Config
+
+if TYPE_CHECKING:
+    from raylm.storage import Location
 
 INGEST_CPUS = 2
 """Logical CPUs of the embedded cluster left free for Ray Data (reading shards, tokenizing)."""
@@ -82,6 +86,29 @@ def plan_resources(
 
 class UnplaceableError(ValueError):
     """The cluster cannot ever place what the config asks for (it would otherwise wait forever)."""
+
+
+def nodes_missing(marker: Location) -> list[str]:
+    """The alive nodes from which `marker` (a file under run.dir) cannot be read: a task pinned to each node looks.
+    A run on several nodes needs run.dir on storage they share (NFS, an object store); a local directory on one
+    node is invisible to the others, and their checkpoints would be lost."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raylm.storage import Location
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Location.parse(path).is_file()
+
+    checks = {
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})": sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(str(marker))
+        for node in ray.nodes()
+        if node.get("Alive")
+    }
+    return [node for node, seen in zip(checks, ray.get(list(checks.values()), timeout=120), strict=True) if not seen]
 
 
 def check_placeable(workers: int, cpus_per_worker: int, gpus_per_worker: float = 0) -> None:

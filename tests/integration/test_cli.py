@@ -98,3 +98,25 @@ def test_serve_answers_then_ctrl_c_leaves_nothing_behind(prepared):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_doctor_exits_1_naming_the_failed_check(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    (tmp_path / "a-file").write_text("not a directory")
+    bad = [*tiny_overrides(tmp_path / "a-file" / "runs")]
+    result = subprocess.run(
+        [*RAYLM, "doctor", "--address", address, *bad], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["stage"] == "doctor" and summary["ok"] is False
+    assert "raylm: doctor: storage: writable: cannot write to run.dir" in result.stderr
+    good = subprocess.run(
+        [*RAYLM, "doctor", "--address", address, *tiny_overrides(tmp_path / "runs")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert good.returncode == 0, good.stderr
+    assert {c["status"] for c in json.loads(good.stdout)["checks"]} <= {"ok", "warn"}

@@ -1,0 +1,152 @@
+"""`raylm doctor`: whether this machine, and the cluster it reaches, can run a config.
+
+Each check says ok, warn or fail with its reason: the versions of ray, torch and transformers against the ranges
+raylm declares; the cluster's CPUs and GPUs against what a training run needs; `run.dir` writable and, on a
+cluster of several nodes, seen by every node (a marker written from here, read by a task pinned to each node);
+Ray's authentication mode; and what `ray job submit --working-dir .` would upload against Ray's size limit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
+from typing import Any, Literal
+
+from raylm.cluster import ResourcePlan, UnplaceableError, check_placeable
+from raylm.config import Config
+from raylm.runs import RunPaths
+
+CHECKED_PACKAGES = ("ray", "torch", "transformers")
+UPLOAD_EXCLUDES = (".git", ".venv", "runs", "data", "__pycache__")
+"""Never part of a job's upload: history, the environment, and what the platform writes."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: Literal["ok", "warn", "fail"]
+    reason: str
+
+
+def versions() -> list[Finding]:
+    """Installed versions against raylm's own requirements (what it was tested with)."""
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(text).name: Requirement(text) for text in (requires("raylm") or [])}
+    findings = []
+    for name in CHECKED_PACKAGES:
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            findings.append(Finding(f"version: {name}", "fail", f"{name} is not installed"))
+            continue
+        wanted = declared.get(name)
+        if wanted is None or wanted.specifier.contains(installed, prereleases=True):
+            findings.append(Finding(f"version: {name}", "ok", installed))
+        else:
+            findings.append(Finding(f"version: {name}", "warn", f"{installed}, raylm wants {wanted.specifier}"))
+    return findings
+
+
+def resources(cfg: Config, plan: ResourcePlan) -> Finding:
+    import ray
+
+    total = ray.cluster_resources()
+    have = f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    try:
+        check_placeable(cfg.train.min_workers, plan.cpus_per_worker, cfg.train.gpus_per_worker)
+    except UnplaceableError as err:
+        return Finding("resources", "fail", str(err))
+    need = f"{cfg.train.min_workers} worker(s) x {plan.cpus_per_worker} CPU"
+    if cfg.train.gpus_per_worker:
+        need += f" + {cfg.train.gpus_per_worker:g} GPU"
+    return Finding("resources", "ok", f"training needs {need}; the cluster has {have}")
+
+
+def storage(cfg: Config) -> list[Finding]:
+    """`run.dir` writable from here, and visible from every node of the cluster."""
+    from raylm.cluster import nodes_missing
+
+    root = RunPaths.of(cfg).root.parent
+    marker = root / f".raylm-doctor-{uuid.uuid4().hex}"
+    try:
+        marker.write_text("raylm doctor")
+    except OSError as err:
+        return [Finding("storage: writable", "fail", f"cannot write to run.dir={root}: {err}")]
+    try:
+        missing = nodes_missing(marker)
+    finally:
+        marker.unlink()
+    found = [Finding("storage: writable", "ok", str(root))]
+    if missing:
+        where = ", ".join(missing)
+        reason = f"run.dir={root} is not seen from node(s) {where}: put it on shared storage (NFS, s3://, gs://)"
+        return [*found, Finding("storage: shared", "fail", reason)]
+    return [*found, Finding("storage: shared", "ok", "every node sees run.dir")]
+
+
+def auth() -> Finding:
+    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    if mode == "token":
+        return Finding("auth", "ok", "Ray token authentication is on")
+    return Finding("auth", "warn", f"RAY_AUTH_MODE={mode}: anyone who reaches the cluster's ports can run code on it")
+
+
+def upload(directory: Path) -> Finding:
+    """What `ray job submit --working-dir <directory>` would upload, against Ray's package size limit."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE  # Ray's limit; private, Ray pinned
+
+    size = upload_size(directory)
+    reason = f"{size / 2**20:.1f} MiB of {GCS_STORAGE_MAX_SIZE / 2**20:.0f} MiB allowed"
+    if size >= GCS_STORAGE_MAX_SIZE:
+        return Finding("upload", "fail", f"{reason}: exclude large files (runtime_env excludes, .gitignore)")
+    return Finding("upload", "warn" if size >= GCS_STORAGE_MAX_SIZE // 2 else "ok", reason)
+
+
+def upload_size(directory: Path) -> int:
+    """Bytes of the files a job upload takes: git's tracked and untracked-but-not-ignored files (Ray honours
+    .gitignore), else every file; never what UPLOAD_EXCLUDES names."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=directory,
+        capture_output=True,
+    )
+    if listed.returncode == 0:
+        files = [directory / name for name in listed.stdout.decode().split("\0") if name]
+    else:
+        files = [path for path in directory.rglob("*") if path.is_file()]
+    kept = [f for f in files if not set(f.relative_to(directory).parts) & set(UPLOAD_EXCLUDES)]
+    return sum(f.stat().st_size for f in kept if f.is_file())
+
+
+def run_doctor(cfg: Config, plan: ResourcePlan, directory: Path | None = None) -> dict[str, Any]:
+    findings = [
+        *versions(),
+        resources(cfg, plan),
+        *storage(cfg),
+        auth(),
+        upload(directory or Path.cwd()),
+    ]
+    show(findings)
+    return {
+        "stage": "doctor",
+        "ok": all(f.status != "fail" for f in findings),
+        "checks": [asdict(f) for f in findings],
+    }
+
+
+def show(findings: list[Finding]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+    table = Table(title="raylm doctor")
+    for column in ("check", "status", "reason"):
+        table.add_column(column)
+    for f in findings:
+        table.add_row(f.check, f"[{colors[f.status]}]{f.status}[/]", f.reason)
+    Console(stderr=True).print(table)

@@ -1,0 +1,48 @@
+"""raylm doctor's checks that need no cluster: versions, auth mode, the size of a job upload."""
+
+import subprocess
+
+import pytest
+
+from raylm.doctor import auth, upload, upload_size, versions
+
+
+def test_versions_are_checked_against_raylms_own_requirements():
+    found = {f.check: f for f in versions()}
+    assert set(found) == {"version: ray", "version: torch", "version: transformers"}
+    assert found["version: ray"].status == "ok" and found["version: ray"].reason.startswith("2.60")
+
+
+def test_auth_mode(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert auth().status == "ok"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    finding = auth()
+    assert finding.status == "warn" and "anyone who reaches the cluster's ports" in finding.reason
+
+
+def test_upload_counts_what_a_job_would_ship(tmp_path, monkeypatch):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("ignored.bin\n")
+    (tmp_path / "code.py").write_bytes(b"x" * 1000)
+    (tmp_path / "ignored.bin").write_bytes(b"x" * 50_000)  # .gitignore'd: Ray leaves it out too
+    for excluded in (".venv", "runs", "data"):
+        (tmp_path / excluded).mkdir()
+        (tmp_path / excluded / "big.bin").write_bytes(b"x" * 100_000)
+    assert upload_size(tmp_path) == 1000 + len("ignored.bin\n")
+    assert upload(tmp_path).status == "ok"
+
+    import ray._private.runtime_env.packaging as packaging
+
+    monkeypatch.setattr(packaging, "GCS_STORAGE_MAX_SIZE", 1000)
+    finding = upload(tmp_path)
+    assert finding.status == "fail" and "exclude large files" in finding.reason
+
+
+@pytest.mark.parametrize("size, status", [(600, "warn"), (100, "ok")])
+def test_upload_warns_past_half_the_limit(tmp_path, monkeypatch, size, status):
+    (tmp_path / "a.bin").write_bytes(b"x" * size)  # not a git checkout: every file counts
+    import ray._private.runtime_env.packaging as packaging
+
+    monkeypatch.setattr(packaging, "GCS_STORAGE_MAX_SIZE", 1000)
+    assert upload(tmp_path).status == status
