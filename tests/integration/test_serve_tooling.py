@@ -16,15 +16,29 @@ from tests.conftest import REPO, register_untrained_model
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_serve_run_deploys_raylms_app_from_the_registry(prepared, serve_port, ray_cluster):
+def _registered_with_serve_up(prepared, serve_port: int, name: str):
+    """A config whose registry holds model `name`, with Serve's proxy on this session's port (once per cluster)."""
     from ray import serve
 
     base, data = prepared
     tree = base.model_dump(mode="json")
     tree["serve"] = {"port": serve_port}
     cfg = validate_config(tree)
-    register_untrained_model(cfg, data, "viaserve")
-    serve.start(http_options=http_options(cfg.serve))  # Serve's proxy on this session's port (once per cluster)
+    register_untrained_model(cfg, data, name)
+    serve.start(http_options=http_options(cfg.serve))
+    return cfg
+
+
+def _completion(serve_port: int) -> dict:
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_until_healthy(url, 180)
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_serve_run_deploys_raylms_app_from_the_registry(prepared, serve_port, ray_cluster):
+    cfg = _registered_with_serve_up(prepared, serve_port, "viaserve")
     command = [
         str(Path(sys.executable).with_name("serve")),
         "run",
@@ -41,13 +55,9 @@ def test_serve_run_deploys_raylms_app_from_the_registry(prepared, serve_port, ra
     result = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     try:
-        url = f"http://127.0.0.1:{serve_port}"
-        wait_until_healthy(url, 120)
-        response = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=60)
-        assert response.status_code == 200, response.text
-        body = response.json()
+        body = _completion(serve_port)
         assert body["model"] == "viaserve" and body["system_fingerprint"].startswith("raylm-viaserve-v1-")
-        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        models = {m["id"] for m in httpx.get(f"http://127.0.0.1:{serve_port}/v1/models", timeout=30).json()["data"]}
         assert models == {"viaserve", "viaserve:1", "viaserve:latest"}
     finally:
         stop_serving()
@@ -57,14 +67,8 @@ def test_serve_deploy_of_the_shipped_config_serves_the_registered_model(prepared
     """`serve deploy serve/config.yaml` through the dashboard's REST API (with Ray's token authentication on): the
     shipped config with only the port, the model and run.dir changed."""
     import yaml
-    from ray import serve
 
-    base, data = prepared
-    tree = base.model_dump(mode="json")
-    tree["serve"] = {"port": serve_port}
-    cfg = validate_config(tree)
-    register_untrained_model(cfg, data, "viadeploy")
-    serve.start(http_options=http_options(cfg.serve))
+    cfg = _registered_with_serve_up(prepared, serve_port, "viadeploy")
     shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     shipped["http_options"]["port"] = serve_port
     shipped["applications"][0]["args"].update({"model": "viadeploy:latest", "run.dir": cfg.run.dir})
@@ -75,9 +79,6 @@ def test_serve_deploy_of_the_shipped_config_serves_the_registered_model(prepared
     result = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     try:
-        url = f"http://127.0.0.1:{serve_port}"
-        wait_until_healthy(url, 180)
-        response = httpx.post(f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=60)
-        assert response.status_code == 200 and response.json()["model"] == "viadeploy", response.text
+        assert _completion(serve_port)["model"] == "viadeploy"
     finally:
         stop_serving()
