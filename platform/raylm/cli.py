@@ -315,6 +315,37 @@ def doctor(
 
 
 @app.command()
+def submit(
+    stage: Annotated[str, typer.Argument(help="prepare, train, tune or pipeline.")],
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML config, as a path inside the working directory.")
+    ] = None,
+    overrides: Overrides = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="The cluster's dashboard, http://HOST:8265 (default: RAY_ADDRESS)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to end, print its logs, exit 1 if it failed.")] = False,
+    python: Annotated[str, typer.Option(help="The cluster's Python interpreter, for the job's command.")] = "python",
+) -> None:
+    """Run a stage as a Ray job on a cluster, shipping this checkout (not .git, .venv, runs, data) with it."""
+    from raylm.submit import SubmitError
+    from raylm.submit import submit as submit_job
+    from raylm.submit import wait as wait_for
+
+    try:
+        summary = submit_job(address, stage, config, overrides or [], Path.cwd(), python)
+    except SubmitError as err:
+        fail(str(err), 2)
+    emit(summary)
+    if wait:
+        ended = wait_for(address, summary["job_id"])
+        typer.echo(ended["logs"], err=True)
+        if ended["status"] != "SUCCEEDED":
+            fail(f"job {summary['job_id']} {ended['status']}")
+
+
+@app.command()
 def pipeline(
     config: ConfigOption = None,
     overrides: Overrides = None,

@@ -21,8 +21,6 @@ from raylm.config import Config
 from raylm.runs import RunPaths
 
 CHECKED_PACKAGES = ("ray", "torch", "transformers")
-UPLOAD_EXCLUDES = (".git", ".venv", "runs", "data", "__pycache__")
-"""Never part of a job's upload: history, the environment, and what the platform writes."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,9 @@ def upload(directory: Path) -> Finding:
 
 def upload_size(directory: Path) -> int:
     """Bytes of the files a job upload takes: git's tracked and untracked-but-not-ignored files (Ray honours
-    .gitignore), else every file; never what UPLOAD_EXCLUDES names."""
+    .gitignore), else every file; never what `raylm submit` excludes."""
+    from raylm.submit import shipped
+
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=directory,
@@ -119,7 +119,7 @@ def upload_size(directory: Path) -> int:
         files = [directory / name for name in listed.stdout.decode().split("\0") if name]
     else:
         files = [path for path in directory.rglob("*") if path.is_file()]
-    kept = [f for f in files if not set(f.relative_to(directory).parts) & set(UPLOAD_EXCLUDES)]
+    kept = [f for f in files if shipped(f.relative_to(directory))]
     return sum(f.stat().st_size for f in kept if f.is_file())
 
 

@@ -120,3 +120,17 @@ def test_doctor_exits_1_naming_the_failed_check(ray_cluster, tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert {c["status"] for c in json.loads(good.stdout)["checks"]} <= {"ok", "warn"}
+
+
+def test_submit_waits_for_the_job_and_prints_its_logs(ray_cluster, tmp_path):
+    dashboard = "http://" + ray_cluster._private.worker.global_worker.node.address_info["webui_url"]
+    command = [*RAYLM, "submit", "prepare", "--address", dashboard, "--python", sys.executable, "--wait"]
+    result = subprocess.run(
+        [*command, *tiny_overrides(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["stage"] == "submit" and summary["entrypoint"].startswith(f"{sys.executable} jobs/prepare_data.py")
+    assert "prepare:" in result.stderr  # the job's own log, printed once it ended
+    bad = subprocess.run([*RAYLM, "submit", "serve", "--address", dashboard], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no job for 'serve'" in bad.stderr

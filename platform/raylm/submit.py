@@ -1,0 +1,84 @@
+"""`raylm submit`: run a stage as a Ray job on a cluster, shipping this checkout's code with it.
+
+The job runs `python jobs/<stage>.py [--config FILE] [key=value ...]` in a copy of the working directory (Ray's
+`runtime_env.working_dir`), so cluster nodes need not have raylm installed. History, the environment and what the
+platform writes (`.git`, `.venv`, `runs`, `data`) never travel, and the upload's size is checked against Ray's
+limit before anything is sent. The Jobs supervisor runs an entrypoint through a shell: the command is built as an
+argv list and quoted with `shlex.join`, so a value like `; touch x` or `$(...)` reaches raylm as data.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+JOB_SCRIPTS = {
+    "prepare": "jobs/prepare_data.py",
+    "train": "jobs/train.py",
+    "tune": "jobs/tune.py",
+    "pipeline": "jobs/pipeline.py",
+}
+TOP_LEVEL_EXCLUDES = (".git", ".venv", "runs", "data")
+"""Never part of a job's upload: history, the environment, and what the platform writes (at the top of the
+checkout only: `platform/raylm/data/` is code)."""
+EXCLUDE_PATTERNS = [*(f"/{name}" for name in TOP_LEVEL_EXCLUDES), "__pycache__"]
+"""The same as Ray's `runtime_env.excludes` (gitignore syntax: a leading slash anchors at the working dir)."""
+FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(ValueError):
+    """The job cannot be submitted as asked (an unknown stage, an upload over Ray's limit)."""
+
+
+def entrypoint(stage: str, config: str | None, overrides: list[str], python: str = "python") -> str:
+    if stage not in JOB_SCRIPTS:
+        raise SubmitError(f"raylm submit: no job for {stage!r}; stages: {', '.join(JOB_SCRIPTS)}")
+    argv = [python, JOB_SCRIPTS[stage], *(["--config", config] if config else []), *overrides]
+    return shlex.join(argv)
+
+
+def runtime_env(directory: Path) -> dict[str, Any]:
+    return {"working_dir": str(directory), "excludes": EXCLUDE_PATTERNS}
+
+
+def shipped(relative: Path) -> bool:
+    """Whether a file (relative to the working dir) travels with a job."""
+    return relative.parts[0] not in TOP_LEVEL_EXCLUDES and "__pycache__" not in relative.parts
+
+
+def check_upload(directory: Path) -> int:
+    """The upload's size in bytes; SubmitError when Ray would refuse it."""
+    from raylm.doctor import upload, upload_size
+
+    finding = upload(directory)
+    if finding.status == "fail":
+        raise SubmitError(f"raylm submit: the working directory {directory} is too large to ship: {finding.reason}")
+    return upload_size(directory)
+
+
+def submit(
+    address: str, stage: str, config: str | None, overrides: list[str], directory: Path, python: str = "python"
+) -> dict[str, Any]:
+    """Submit the stage as a job; returns its id, entrypoint and upload size (the job runs on without us)."""
+    from ray.job_submission import JobSubmissionClient
+
+    command = entrypoint(stage, config, overrides, python)
+    size = check_upload(directory)
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(directory))
+    return {"stage": "submit", "job_id": job_id, "entrypoint": command, "upload_mib": round(size / 2**20, 2)}
+
+
+def wait(address: str, job_id: str, timeout_s: float = 3600) -> dict[str, Any]:
+    """Wait for the job to end; its final status and its logs."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(job_id)).rsplit(".", 1)[-1]) not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+        time.sleep(1)
+    return {"job_id": job_id, "status": status, "logs": client.get_job_logs(job_id)}

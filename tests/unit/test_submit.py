@@ -1,0 +1,39 @@
+"""raylm submit without a cluster: the job's command is an argv quoted for the shell, and the upload is what it
+should be."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from raylm.submit import SubmitError, check_upload, entrypoint, runtime_env, shipped
+
+HOSTILE = ["run.name=x; touch /tmp/owned", "data.max_bytes=$(touch /tmp/owned)", "train.lr=`id`", "a=b'c\"d"]
+
+
+def test_hostile_values_stay_one_argument_each():
+    command = entrypoint("train", "jobs/configs/tiny.yaml", HOSTILE)
+    assert shlex.split(command) == ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *HOSTILE]
+    assert "; touch" not in command.replace("'run.name=x; touch /tmp/owned'", "")
+
+
+def test_unknown_stage_is_refused_by_name():
+    with pytest.raises(SubmitError, match=r"no job for 'serve'; stages: prepare, train, tune, pipeline"):
+        entrypoint("serve", None, [])
+
+
+def test_what_travels_with_a_job():
+    assert shipped(Path("platform/raylm/data/prepare.py"))  # code named data is code
+    assert shipped(Path("jobs/train.py"))
+    for stays in ("data/corpus.txt", "runs/t/stage.json", ".venv/bin/python", ".git/HEAD", "x/__pycache__/y.pyc"):
+        assert not shipped(Path(stays)), stays
+    assert runtime_env(Path("/repo"))["excludes"] == ["/.git", "/.venv", "/runs", "/data", "__pycache__"]
+
+
+def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkeypatch):
+    import ray._private.runtime_env.packaging as packaging
+
+    (tmp_path / "weights.bin").write_bytes(b"x" * 5000)
+    monkeypatch.setattr(packaging, "GCS_STORAGE_MAX_SIZE", 4096)
+    with pytest.raises(SubmitError, match="too large to ship"):
+        check_upload(tmp_path)
