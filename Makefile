@@ -22,7 +22,8 @@ demo: $(STAMP)
 
 ## make test: the whole suite (unit, integration with real Ray and real HTTP).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/multinode
+	$(BIN)/python -m pytest tests/multinode
 
 ## make test-fast: unit tests only (no Ray).
 test-fast: $(STAMP)

@@ -87,7 +87,7 @@ def emit(summary: dict[str, Any]) -> None:
 
 def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(errors in what the user asked for: exit 2, errors in the user's data or models: exit 1)."""
-    from raylm.cluster import UnplaceableError
+    from raylm.cluster import StorageNotShared, UnplaceableError
     from raylm.data.sources import DataError
     from raylm.models import ModelLoadError
     from raylm.registry import RegistryError
@@ -96,7 +96,7 @@ def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     from raylm.train.trainer import TrainingFailed
     from raylm.tune_results import SweepFailed
 
-    config_errors = (ConfigError, StageConflict, ServeConfigError, UnplaceableError)
+    config_errors = (ConfigError, StageConflict, ServeConfigError, UnplaceableError, StorageNotShared)
     return config_errors, (DataError, ModelLoadError, RegistryError, FileNotFoundError, TrainingFailed, SweepFailed)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,17 @@ class UnplaceableError(ValueError):
     """The cluster cannot ever place what the config asks for (it would otherwise wait forever)."""
 
 
+def nodes_not_seeing(directory: Location) -> list[str]:
+    """The alive nodes that cannot see a file written into `directory` from here (OSError if it cannot be
+    written)."""
+    marker = directory / f".raylm-shared-{uuid.uuid4().hex}"
+    marker.write_text("written by the driver; every node must see it")
+    try:
+        return nodes_missing(marker)
+    finally:
+        marker.unlink()
+
+
 def nodes_missing(marker: Location) -> list[str]:
     """The alive nodes from which `marker` (a file under run.dir) cannot be read: a task pinned to each node looks.
     A run on several nodes needs run.dir on storage they share (NFS, an object store); a local directory on one
@@ -109,6 +121,25 @@ def nodes_missing(marker: Location) -> list[str]:
         if node.get("Alive")
     }
     return [node for node, seen in zip(checks, ray.get(list(checks.values()), timeout=120), strict=True) if not seen]
+
+
+class StorageNotShared(ValueError):
+    """run.dir is not visible from every node of a multi-node cluster."""
+
+
+def check_run_dir_shared(root: Location) -> None:
+    """On a cluster of several nodes, fail before a run starts unless every node sees run.dir: a marker is written
+    here and read from each node. (One node: nothing to check.)"""
+    import ray
+
+    if sum(1 for node in ray.nodes() if node.get("Alive")) < 2:
+        return
+    missing = nodes_not_seeing(root)
+    if missing:
+        raise StorageNotShared(
+            f"run.dir={root.parent} is not seen from node(s) {', '.join(missing)}: a run on several nodes needs "
+            "run.dir on storage they all share (NFS, s3://, gs://), or the workers' checkpoints are lost"
+        )
 
 
 def check_placeable(workers: int, cpus_per_worker: int, gpus_per_worker: float = 0) -> None:

@@ -149,6 +149,8 @@ class TrainSection(_Section):
     """CPUs (and torch threads) per worker; default: planned from the machine on an embedded cluster, else 1."""
     gpus_per_worker: float = Field(0, ge=0)
     """GPUs per worker (1 for one GPU each; 0 trains on CPU)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """Where the workers go: PACK fills a node first; STRICT_SPREAD puts each worker on a node of its own."""
     max_failures: int = Field(2, ge=0)
     num_to_keep: int = Field(2, ge=2)
     """Checkpoints kept (best by validation loss); at least 2, so a corrupt latest one still leaves one to resume."""

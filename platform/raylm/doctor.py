@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -67,18 +66,13 @@ def resources(cfg: Config, plan: ResourcePlan) -> Finding:
 
 def storage(cfg: Config) -> list[Finding]:
     """`run.dir` writable from here, and visible from every node of the cluster."""
-    from raylm.cluster import nodes_missing
+    from raylm.cluster import nodes_not_seeing
 
     root = RunPaths.of(cfg).root.parent
-    marker = root / f".raylm-doctor-{uuid.uuid4().hex}"
     try:
-        marker.write_text("raylm doctor")
+        missing = nodes_not_seeing(root)
     except OSError as err:
         return [Finding("storage: writable", "fail", f"cannot write to run.dir={root}: {err}")]
-    try:
-        missing = nodes_missing(marker)
-    finally:
-        marker.unlink()
     found = [Finding("storage: writable", "ok", str(root))]
     if missing:
         where = ", ".join(missing)

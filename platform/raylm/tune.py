@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raylm.cluster import ResourcePlan, check_placeable, start_data_stats_actor
+from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
 from raylm.config import Config, ConfigError, validate_config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
@@ -172,6 +172,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     manifest = read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
     budget = sweep_budget(cfg, manifest)
     check_placeable(cfg.train.min_workers, plan.trial_cpus_per_worker, cfg.train.gpus_per_worker)
+    check_run_dir_shared(RunPaths.of(cfg).root)
     start_data_stats_actor()
     _, reusable = claim_stage(cfg, "tune", restart)
     check_same_shards(cfg, "tune", manifest, reusable)

@@ -15,7 +15,7 @@ def test_doctor_passes_a_config_that_fits(ray_cluster, tmp_path):
     assert summary["ok"], checks
     assert checks["storage: shared"]["reason"] == "every node sees run.dir"
     assert checks["resources"]["status"] == "ok" and "6 CPUs" in checks["resources"]["reason"]
-    assert not list(tmp_path.glob(".raylm-doctor-*"))  # the marker is removed
+    assert not list(tmp_path.glob(".raylm-shared-*"))  # the marker is removed
 
 
 def test_doctor_fails_with_the_reason(ray_cluster, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.train import TrainingFailedError
 
-from raylm.cluster import ResourcePlan, check_placeable, start_data_stats_actor
+from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
 from raylm.config import Config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
@@ -103,6 +103,7 @@ def scaling_config(cfg: Config, cpus_per_worker: int):
         num_workers=train.num_workers,
         use_gpu=train.gpus_per_worker > 0,
         resources_per_worker=resources,
+        placement_strategy=train.placement_strategy,
         elastic_resize_monitor_interval_s=ELASTIC_RESIZE_INTERVAL_S,
     )
 
@@ -112,6 +113,7 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     manifest = read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
     total_steps = cfg.train.total_steps(manifest["splits"]["train"]["blocks"])
     check_placeable(cfg.train.min_workers, plan.cpus_per_worker, gpus_per_worker=cfg.train.gpus_per_worker)
+    check_run_dir_shared(paths.root)
     start_data_stats_actor()
     _, reusable = claim_stage(cfg, "train", restart)
     check_same_shards(cfg, "train", manifest, reusable)
