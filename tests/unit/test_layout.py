@@ -28,3 +28,10 @@ def test_job_entry_points_run_the_cli():
         )
         assert result.returncode == 0, result.stderr
         assert "--config" in result.stdout
+
+
+def test_test_modules_have_unique_names():
+    """The test folders are not packages: pytest imports each test file by its basename, and a second file of the
+    same name anywhere under tests/ stops the whole collection."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
