@@ -113,6 +113,13 @@ def test_promoting_a_new_best_swaps_it_in_without_dropping_requests(ops_config):
     assert all("-v2-" in f for f in fingerprints[first_new + 3 :])
     names = {m["id"] for m in httpx.get(f"{summary['url']}/v1/models").json()["data"]}
     assert {"ops", "ops:2", "ops:best", "ops:latest"} <= names and "ops:1" not in names
+    # A new version not promoted: `latest` moves on, the replica keeps v2 and stops answering to `ops:latest`.
+    assert register_untrained_model(cfg, data, "ops", seed=2).version == 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "ops:latest" in names:
+        time.sleep(0.5)
+        names = {m["id"] for m in httpx.get(f"{summary['url']}/v1/models").json()["data"]}
+    assert names == {"ops", "ops:2", "ops:best"}
     stop_serving()
 
 

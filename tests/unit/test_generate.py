@@ -3,7 +3,7 @@ import torch
 from raylm.config import ModelSection
 from raylm.data.tokenizer import train_bpe
 from raylm.models import build_model
-from raylm.serving.generate import GenerationRequest, generate_batch, generate_steps
+from raylm.serving.generate import GenerationRequest, RowText, generate_batch, generate_steps
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 30
 
@@ -74,6 +74,38 @@ def test_streamed_deltas_add_up_to_the_reply_and_never_show_a_stop_string():
     assert all(whole.text.startswith("".join(d.text for d in pieces[: i + 1])) for i in range(len(pieces)))
     assert pieces[-1].finish_reason == whole.finish_reason == "stop"
     assert all(d.finish_reason is None for d in pieces[:-1])
+
+
+class _CountingTokenizer:
+    """The real tokenizer, noting how many ids each decode is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_row_text_decodes_incrementally_holds_split_characters_and_cuts_at_a_stop_string():
+    tokenizer = train_bpe(TEXTS, vocab_size=300)  # never saw these characters: each is split into byte tokens
+    text = "print('naïve café — 日本語') " * 8 + "return STOP after"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2, "the test needs characters split over several tokens"
+    counting = _CountingTokenizer(tokenizer)
+    row = RowText(counting, stop=["STOP"])
+    pieces, stopped_at = [], None
+    for position, token in enumerate(ids):
+        stopped = row.push(token)
+        pieces.append(row.delta(finished=stopped))
+        assert "\ufffd" not in pieces[-1], "half a character was released"
+        if stopped:
+            stopped_at = position
+            break
+    expected = text[: text.index("STOP")]
+    assert "".join(pieces) == expected and tokenizer.decode(ids[: stopped_at + 1]).startswith(expected + "ST")
+    # Each step decodes a few tokens, not the whole reply so far.
+    assert max(counting.lengths) <= 8, max(counting.lengths)
 
 
 def test_first_step_logits_of_a_padded_row_match_the_row_alone():

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -45,7 +45,7 @@ from raylm.serving.schemas import (
     SamplingFields,
     Usage,
 )
-from raylm.serving.source import LoadedModel, ModelSource, current_version, load_model, resolve_source
+from raylm.serving.source import LoadedModel, ModelSource, load_model, resolve_source
 from raylm.serving.stream import merge, sse
 
 logger = logging.getLogger("ray.serve")
@@ -151,7 +151,7 @@ def _parse(kind: type[BaseModel], body: Any) -> Any:
     try:
         return kind.model_validate(body)
     except ValidationError as err:
-        raise explain(err) from None
+        raise explain(err, body) from None
 
 
 async def _json_body(request: Request) -> Any:
@@ -203,13 +203,16 @@ class LMServer:
     # -- the model -----------------------------------------------------------------------------------------------
 
     def _follow(self, interval_s: float) -> None:
-        """Poll the alias this replica serves; load a newly promoted version beside the old one, then swap."""
+        """Poll the alias this replica serves; load a newly promoted version beside the old one, then swap. On the
+        same version, keep the names it answers to current (`lm:best` moved onto or off the version served)."""
         while True:
             time.sleep(interval_s)
             try:
-                if current_version(self.source) == self.loaded.resolved.version:
+                resolved, loaded = resolve_source(self.source), self.loaded
+                if resolved.version == loaded.resolved.version:
+                    if resolved.names != loaded.names:
+                        self.loaded = replace(loaded, resolved=resolved, names=resolved.names)
                     continue
-                resolved = resolve_source(self.source)
                 self.loaded = load_model(resolved, self.threads, self.quantize)
                 logger.info("now serving %s version %s (%s)", resolved.name, resolved.version, self.source.ref)
             except Exception:  # keep serving the model we have; the next poll tries again

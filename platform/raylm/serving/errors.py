@@ -7,6 +7,7 @@ generic 500 whose details stay in the replica's log.
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,13 +59,12 @@ def install_error_handlers(api: FastAPI) -> None:
         return error_response(500, "internal error while serving the request")
 
 
-def explain(err: ValidationError) -> ClientError:
-    """The problem pydantic found, as a 400 naming the parameter (`messages.0.role`, `prompt.1`, ...)."""
-    # Union members add their type to the location (`prompt.str`, `prompt.list[...].1`): the client sent `prompt`.
+def explain(err: ValidationError, body: Any) -> ClientError:
+    """The problem pydantic found in `body`, as a 400 naming the parameter (`messages.0.role`, `prompt.1`, ...)."""
     # Of a union's errors the deepest is the one about what was sent (a list's bad item, not "is not a string").
-    located = [(err_, [str(p) for p in err_["loc"] if not _is_union_tag(p)]) for err_ in err.errors()]
-    first, loc = max(located, key=lambda pair: len(pair[1]))
-    param = ".".join(loc) or None
+    located = [(problem, _place_in_body(problem, body)) for problem in err.errors()]
+    first, place = max(located, key=lambda pair: len(pair[1]))
+    param = ".".join(place) or None
     if first["type"] == "extra_forbidden":
         return ClientError(400, f"unknown parameter {param!r}", param, "unknown_parameter")
     if first["type"] == "missing":
@@ -72,7 +72,21 @@ def explain(err: ValidationError) -> ClientError:
     return ClientError(400, f"invalid {param!r}: {first['msg']}", param, "invalid_value")
 
 
-def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and (
-        part in ("str", "int", "float", "bool") or part.startswith(("list[", "constrained-str", "literal["))
-    )
+def _place_in_body(problem: dict, body: Any) -> list[str]:
+    """The error's location as a path into what the client sent. Pydantic's location also names the union member
+    it tried (`prompt.str`, `prompt.list[...].1`): those labels are no key of the body, so walking the body along
+    the location drops them, whatever pydantic calls them."""
+    loc, place, value = problem["loc"], [], body
+    for depth, part in enumerate(loc):
+        is_last = depth == len(loc) - 1
+        if isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
+            place.append(str(part))
+            value = value[part]
+        elif (
+            isinstance(part, str)
+            and isinstance(value, dict)
+            and (part in value or (is_last and problem["type"] == "missing"))
+        ):
+            place.append(part)
+            value = value.get(part)
+    return place

@@ -48,27 +48,49 @@ class Delta:
 
 class RowText:
     """One row's decoded text as it grows. Text is released only once it cannot turn into a stop string or is not
-    half of a multi-byte character, so a streamed reply never shows what the whole reply would have cut."""
+    half of a multi-byte character, so a streamed reply never shows what the whole reply would have cut.
+
+    Each step decodes only the newest tokens (with a few before them for context, as vLLM's incremental
+    detokenizer does) and looks for stop strings only where a new one could end: per token the cost stays flat
+    however long the reply grows.
+    """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
+        self.decoded = ""  # the text of token_ids[:self._read]
+        self._prefix = self._read = 0  # token_ids[_prefix:_read] is the context the next decode starts from
+        self.stop_at: int | None = None
         self.sent = 0
 
-    def text(self) -> str:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cuts = [text.index(s) for s in self.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+    def push(self, token: int) -> bool:
+        """Add a token; True once the text holds a stop string."""
+        self.token_ids.append(token)
+        searched_to = max(0, len(self.decoded) - self.holdback)
+        self._decode_new(flush=False)
+        found = [i for s in self.stop if (i := self.decoded.find(s, searched_to)) >= 0]
+        if found:
+            self.stop_at = min(found)
+        return bool(found)
 
-    def stopped(self) -> bool:
-        return bool(self.stop) and any(s in self.tokenizer.decode(self.token_ids) for s in self.stop)
+    def _decode_new(self, flush: bool) -> None:
+        decode = self.tokenizer.decode
+        context = decode(self.token_ids[self._prefix : self._read], skip_special_tokens=True)
+        text = decode(self.token_ids[self._prefix :], skip_special_tokens=True)
+        # A token that ends inside a UTF-8 character decodes to U+FFFD: wait for the rest (unless the reply is over).
+        if len(text) > len(context) and (flush or not text.endswith("\ufffd")):
+            self.decoded += text[len(context) :]
+            self._prefix, self._read = self._read, len(self.token_ids)
+
+    def text(self) -> str:
+        return self.decoded if self.stop_at is None else self.decoded[: self.stop_at]
 
     def delta(self, finished: bool) -> str:
+        if finished and self.stop_at is None:
+            self._decode_new(flush=True)
         text = self.text()
         ready = text if finished else text[: max(self.sent, len(text) - self.holdback)]
-        if not finished:
-            ready = ready.rstrip("\ufffd")  # a token that ends inside a UTF-8 character: wait for the rest
         new, self.sent = ready[self.sent :], max(self.sent, len(ready))
         return new
 
@@ -153,8 +175,7 @@ def _finished(row: RowText, request: GenerationRequest, token: int, eos_id: int)
     """Add `token` to the row unless it ends it; the finish reason once the row is done."""
     if token == eos_id:
         return "stop"
-    row.token_ids.append(token)
-    if row.stopped():
+    if row.push(token):
         return "stop"
     return "length" if len(row.token_ids) >= request.max_new_tokens else None
 

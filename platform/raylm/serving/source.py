@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from raylm.registry import resolve, version_aliases
-from raylm.storage import Location
 
 FOLLOWED_TAGS = ("", "latest", "best")
 
@@ -40,6 +39,11 @@ class ResolvedModel:
     version: int | None
     fingerprint: str
 
+    @property
+    def names(self) -> set[str]:
+        """What a request's `model` may say: the name, the version (`lm:2`) and the aliases pointing at it now."""
+        return {self.name, *self.aliases}
+
 
 def resolve_source(source: ModelSource) -> ResolvedModel:
     """The directory to load, and the names requests may use for it: the model's name, its version, and the aliases
@@ -62,11 +66,6 @@ def _cached_copy(found) -> Path:
         partial = found.path.download(local.with_name(f".{local.name}.{os.getpid()}.partial"))
         partial.rename(local)  # complete or absent, even if two servers start at once
     return local
-
-
-def current_version(source: ModelSource) -> int | None:
-    """The version the source's alias points at now (cheap: reads the registry's listing and aliases.json)."""
-    return resolve(Location.parse(source.registry), source.ref).version if source.follows_alias else None
 
 
 @dataclass
@@ -92,5 +91,4 @@ def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = Non
     model = load_pretrained(str(resolved.path)).eval()
     if quantize == "int8":
         quantize_int8(model)
-    names = {resolved.name, *resolved.aliases}
-    return LoadedModel(model, tokenizer, resolved, context_length(model), names)
+    return LoadedModel(model, tokenizer, resolved, context_length(model), resolved.names)
