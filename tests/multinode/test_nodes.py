@@ -127,3 +127,54 @@ def test_a_worker_node_removed_mid_run_resumes_from_the_last_checkpoint_on_a_new
     # The group was rebuilt: workers ran on the removed node, then on its replacement.
     hosts = {w.node_id for w in _train_workers()}
     assert {victim.node_id, replacement.node_id} <= hosts
+
+
+def test_an_elastic_run_grows_when_a_node_joins(cluster, tmp_path, monkeypatch):
+    """`num_workers: [1, 2]` with room for one worker (2 CPUs each, a 3-CPU node: one CPU left for Ray Data) trains
+    with one; a second node joins mid-run and Ray Train's resize monitor (every 2 s here, 60 s by default) restarts
+    the group with two from the last checkpoint."""
+    import raylm.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "ELASTIC_RESIZE_INTERVAL_S", 2.0)
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)
+    cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tmp_path, name="grows"),
+            "train.num_workers=[1, 2]",
+            "train.cpus_per_worker=2",
+            "train.max_steps=400",
+            "train.eval_every=20",
+        ],
+    )
+    run_prepare(cfg)
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["summary"] = run_train(cfg, plan_resources(cfg, embedded=False, cluster_cpus=3))
+        except BaseException as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=train)
+    runner.start()
+    run_root = tmp_path / "grows"
+    deadline = time.monotonic() + 240
+    while not list(run_root.rglob("checkpoint_*")) and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.5)
+    assert list(run_root.rglob("checkpoint_*")), outcome
+    assert len([w for w in _train_workers() if w.state == "ALIVE"]) == 1
+    cluster.add_node(num_cpus=3)
+    runner.join(timeout=400)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"]["step"] == 400
+    records = [json.loads(line) for p in run_root.rglob("metrics.jsonl") for line in p.read_text().splitlines()]
+    per_rank = [[int(k[4]) for k in r if k.startswith("rank") and k.endswith("_peak_rss_mib")] for r in records]
+    ranks = [sorted(found) for found in per_rank if found]
+    assert ranks[0] == [0] and ranks[-1] == [0, 1], (ranks[0], ranks[-1])
+    # Resized, not restarted from scratch: every step trained, step 1 once.
+    steps = [r["step"] for r in records]
+    assert set(steps) == set(range(1, 401)) and steps.count(1) == 1

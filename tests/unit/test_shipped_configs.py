@@ -31,4 +31,26 @@ def test_serve_config_is_a_valid_serve_deploy_config():
 def test_cluster_yaml_is_valid_for_ray_up():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text())))
+    text = (REPO / "cluster.yaml").read_text()
+    cluster = prepare_config(yaml.safe_load(text))
+    validate_config(cluster)
+    # Token auth on every node, with one token: the laptop's, mounted on each.
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    ray_starts = [command for command in starts if "ray start" in command]
+    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in ray_starts)
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # The dashboard and Jobs API stay on the head's loopback; nothing binds every interface.
+    assert "--dashboard-host=127.0.0.1" in cluster["head_start_ray_commands"][-1] and "0.0.0.0" not in text
+    # Every node installs raylm from the shipped checkout, without uploading the laptop's venv, runs or data.
+    assert cluster["file_mounts"]["~/raylm"] == "." and any("make install" in c for c in cluster["setup_commands"])
+    assert {".git", ".venv", "runs", "data"} <= set(cluster["rsync_exclude"])
+
+
+def test_rayignore_keeps_ray_job_submit_uploads_to_code():
+    """`ray job submit --working-dir .` reads .gitignore and .rayignore: together they leave out what `raylm submit`
+    leaves out."""
+    from raylm.submit import TOP_LEVEL_EXCLUDES
+
+    ignored = set((REPO / ".gitignore").read_text().split()) | set((REPO / ".rayignore").read_text().split())
+    for pattern in TOP_LEVEL_EXCLUDES:
+        assert f"/{pattern}/" in ignored, pattern

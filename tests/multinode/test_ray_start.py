@@ -1,0 +1,259 @@
+"""A cluster started the way a user starts one: `ray get-auth-token --generate`, then
+`RAY_AUTH_MODE=token ray start --head --block` as a subprocess with a temp dir, ports and HOME of its own (its token
+lands in that HOME's ~/.ray/auth_token). raylm and `ray job submit` reach it with `--address` and nothing exported:
+no RAY_* variable reaches them. The head is stopped by ending every process of its session, never `ray stop` (which
+stops every Ray on the machine). In tests/multinode: one Ray cluster per pytest session."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO, free_port, tiny_overrides
+
+pytestmark = pytest.mark.timeout(600)
+
+BIN = Path(sys.executable).parent
+API_KEY = "sk-" + os.urandom(16).hex()  # made here: this file itself is shipped with the job
+
+
+@dataclass
+class Head:
+    process: subprocess.Popen
+    address: str  # the GCS, for `--address`
+    dashboard: str  # the Jobs API
+    token: str
+    home: Path
+    runs: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """What a user's shell has: their HOME and the virtual environment on PATH; no RAY_* variable."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "RAYLM_API_KEY"}
+        return {**env, "HOME": str(self.home), "PATH": f"{BIN}:{env['PATH']}", **extra}
+
+    def run(self, *argv: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            list(argv), cwd=REPO, env=self.env(**extra_env), capture_output=True, text=True, timeout=timeout
+        )
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def _end_session(sid: int) -> list[psutil.Process]:
+    """SIGTERM every process of the session, SIGKILL what is left after 15 s; returns what survived."""
+    processes = _session_processes(sid)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return [p for p in _session_processes(sid) if p.is_running()]
+
+
+@pytest.fixture(scope="module")
+def head():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("needs a pytest session of its own: pytest tests/multinode")
+    temp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # short: Ray's socket paths live under it
+    home = temp / "home"
+    home.mkdir()
+    (temp / "runs").mkdir()
+    port, dashboard_port = free_port(), free_port()
+    shell = Head(None, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", "", home, temp / "runs")
+    generated = shell.run(str(BIN / "ray"), "get-auth-token", "--generate", timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    shell.token = (home / ".ray" / "auth_token").read_text().strip()
+    assert shell.token and generated.stdout.strip() == shell.token
+
+    ports = {
+        "--port": port,
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+    }
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=6", f"--temp-dir={temp / 'ray'}"]
+    command += [f"{flag}={value}" for flag, value in ports.items()] + ["--disable-usage-stats"]
+    log = open(temp / "head.log", "w")  # noqa: SIM115 (open for the head's whole life)
+    shell.process = subprocess.Popen(
+        command, cwd=REPO, env=shell.env(RAY_AUTH_MODE="token"), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_jobs_api(shell)
+        yield shell
+    finally:
+        survivors = _end_session(shell.process.pid)
+        log.close()
+        assert survivors == [], f"processes of the head's session still running: {survivors}"
+
+
+def _wait_for_jobs_api(head: Head) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert head.process.poll() is None, (head.home.parent / "head.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{head.dashboard}/api/jobs/", headers=_bearer(head.token), timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the head's Jobs API did not come up in 120 s")
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _summary(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_jobs_api_refuses_a_request_without_the_right_token(head):
+    assert httpx.get(f"{head.dashboard}/api/jobs/", timeout=10).status_code == 401
+    wrong = httpx.get(f"{head.dashboard}/api/jobs/", headers=_bearer("0" * len(head.token)), timeout=10)
+    assert wrong.status_code in {401, 403} and head.token not in wrong.text
+    submitted = httpx.post(f"{head.dashboard}/api/jobs/", json={"entrypoint": "touch /tmp/raylm-owned"}, timeout=10)
+    assert submitted.status_code == 401 and not Path("/tmp/raylm-owned").exists()
+    assert httpx.get(f"{head.dashboard}/api/jobs/", headers=_bearer(head.token), timeout=10).status_code == 200
+
+
+def test_raylm_prepares_trains_and_tunes_on_the_head_with_nothing_exported(head):
+    overrides = tiny_overrides(head.runs, name="cli")
+    prepared = _summary(head.run(str(BIN / "raylm"), "prepare", "--address", head.address, *overrides))
+    assert prepared["train_blocks"] > 0
+    trained = _summary(head.run(str(BIN / "raylm"), "train", "--address", head.address, *overrides))
+    assert trained["step"] == 12
+    assert (Path(trained["checkpoint"]) / "model.safetensors").is_file()
+    assert str(head.runs) in trained["checkpoint"]
+
+    sweep = [
+        *overrides,
+        'tune.space={"train.lr": {"grid": [3e-3, 1e-5]}}',
+        "tune.scheduler=grid",
+        "tune.budget_tokens=1536",  # 6 steps at batch 8 x seq_len 32
+        "tune.num_samples=1",
+    ]
+    tuned = _summary(head.run(str(BIN / "raylm"), "tune", "--address", head.address, *sweep, timeout=500))
+    assert tuned["best_config"] == {"train.lr": 3e-3} and len(tuned["trials"]) == 2
+
+
+@pytest.fixture(scope="module")
+def serve_port() -> int:
+    """Serve's HTTP proxy keeps the port it started with for the cluster's life."""
+    return free_port()
+
+
+def test_raylm_serve_on_the_head_with_an_api_key(head, serve_port):
+    overrides = tiny_overrides(head.runs, name="cli")
+    registered = _summary(head.run(str(BIN / "raylm"), "register", *overrides))
+    port = serve_port
+    process = subprocess.Popen(
+        [str(BIN / "raylm"), "serve", "--address", head.address, *overrides, f"serve.port={port}"],
+        cwd=REPO, env=head.env(RAYLM_API_KEY=API_KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        summary = json.loads(process.stdout.readline())
+        assert summary["url"] == f"http://127.0.0.1:{port}" and summary["version"] == registered["version"]
+        body = {"prompt": "The river", "max_tokens": 3}
+        url = f"{summary['url']}/v1/completions"
+        assert httpx.post(url, json=body, headers=_bearer(API_KEY), timeout=60).status_code == 200
+        refused = httpx.post(url, json=body, headers=_bearer("wrong"), timeout=60)
+        assert refused.status_code == 401 and API_KEY not in refused.text and head.token not in refused.text
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        # Ctrl-C deletes raylm's application; Serve's proxy (and any other application) stays on the user's cluster.
+        assert httpx.get(f"{summary['url']}/healthz", timeout=10).status_code == 404
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_serve_deploy_of_the_shipped_config_on_the_head(head, serve_port, tmp_path):
+    """The shipped serve/config.yaml with only the port, the model and run.dir changed; the app is built on the
+    cluster (whose processes started in this checkout, as cluster.yaml starts them in ~/raylm)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    shipped["http_options"]["port"] = serve_port
+    shipped["applications"][0]["args"].update({"model": "cli:latest", "run.dir": str(head.runs)})
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    deployed = head.run(str(BIN / "serve"), "deploy", "--address", head.dashboard, str(config), RAY_AUTH_MODE="token")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    deadline, reply = time.monotonic() + 120, None
+    while time.monotonic() < deadline and (reply is None or reply.status_code != 200):
+        time.sleep(1)
+        body = {"model": "cli:latest", "prompt": "The river", "max_tokens": 3}
+        reply = httpx.post(f"http://127.0.0.1:{serve_port}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.json()["system_fingerprint"].startswith("raylm-cli-v1-"), reply.text
+    shutdown = head.run(str(BIN / "serve"), "shutdown", "--address", head.dashboard, "-y", RAY_AUTH_MODE="token")
+    assert shutdown.returncode == 0, shutdown.stderr[-3000:]
+
+
+def test_ray_job_submit_runs_jobs_train_py_from_the_shipped_checkout(head):
+    overrides = tiny_overrides(head.runs, name="job")
+    _summary(head.run(str(BIN / "raylm"), "prepare", "--address", head.address, *overrides))
+    submitted = head.run(
+        str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--",
+        "python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *overrides,
+        timeout=500, RAY_AUTH_MODE="token",  # Ray's own CLI sends the token only when told to (README)
+    )  # fmt: skip
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    checkpoints = sorted((head.runs / "job").rglob("model.safetensors"))
+    assert checkpoints, "no checkpoint in the storage path"
+
+    logs = head.run(str(BIN / "ray"), "job", "logs", job_id, "--address", head.dashboard, RAY_AUTH_MODE="token")
+    assert logs.returncode == 0, logs.stderr
+    assert re.search(r"train .*12/12", logs.stdout), logs.stdout[-3000:]  # the progress bar, as the job saw it
+    summary = json.loads([line for line in logs.stdout.splitlines() if line.startswith('{"stage": "train"')][-1])
+    assert summary["step"] == 12
+
+
+def test_no_token_or_api_key_in_logs_or_manifests(head):
+    """Runs after the others (pytest keeps file order): every file the head's session and the runs wrote."""
+    secrets = {"Ray token": head.token, "API key": API_KEY}
+    written = [p for root in (head.home.parent / "ray", head.runs) for p in root.rglob("*") if p.is_file()]
+    assert len(written) > 50
+    leaks = []
+    for path in written:
+        if path.is_symlink() or path.suffix in {".safetensors", ".parquet", ".arrow"}:
+            continue
+        data = path.read_bytes()
+        leaks += [(what, str(path)) for what, secret in secrets.items() if secret.encode() in data]
+    assert leaks == []
