@@ -111,6 +111,27 @@ def start_serve(model_dir: Path, threads: int, overrides: list[str], stack: cont
     return start_serving(cfg, plan)["url"]
 
 
+def start_serve_floor(serve_url: str) -> str:
+    """Serve's own floor beside raylm's app, behind the same proxy: a FastAPI ingress whose `/healthz` returns a
+    constant (no raylm code). raylm's share of the no-op latency is its no-op p50 minus this one's."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Floor:
+        pass
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor")
+    return f"{serve_url}/floor"
+
+
 async def load(url: str, seconds: float, concurrency: int = CONCURRENCY) -> dict[str, float]:
     """`concurrency` clients posting completions back to back for `seconds`: requests/s, errors, latencies."""
     import httpx
@@ -182,12 +203,13 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(bare.terminate)
         serve_url = start_serve(model_dir, args.threads, args.overrides, stack)
+        floor_url = start_serve_floor(serve_url)
         runs = []
         for repeat in range(repeats):
             order = [("serve", serve_url), ("bare", bare_url)]
             order = order if repeat % 2 == 0 else order[::-1]
             measured = {name: asyncio.run(load(url, seconds)) for name, url in order}
-            noop = {name: noop_p50_ms(url, noop_requests) for name, url in order}
+            noop = {name: noop_p50_ms(url, noop_requests) for name, url in [*order, ("serve_floor", floor_url)]}
             runs.append({"measured": measured, "noop": noop})
             print(f"repeat {repeat}: {json.dumps(runs[-1])}", file=sys.stderr)
     ratios = [r["measured"]["serve"]["rps"] / r["measured"]["bare"]["rps"] for r in runs]
@@ -212,6 +234,11 @@ def main() -> None:
                 "bare_p99_ms": round(middle["measured"]["bare"]["p99_ms"], 1),
                 "noop_serve_p50_ms": round(middle["noop"]["serve"], 2),
                 "noop_bare_p50_ms": round(middle["noop"]["bare"], 2),
+                # Serve's own floor on this machine (a constant route, same proxy), and what raylm adds to it.
+                "noop_serve_floor_p50_ms": round(middle["noop"]["serve_floor"], 2),
+                "noop_raylm_share_ms": round(
+                    statistics.median(r["noop"]["serve"] - r["noop"]["serve_floor"] for r in runs), 2
+                ),
                 "errors": errors,
                 "concurrency": CONCURRENCY,
                 "max_tokens": BODY["max_tokens"],

@@ -231,6 +231,21 @@ def quiet_logger(name: str) -> None:
     logging.getLogger(name).setLevel(_log_level)
 
 
+def shipped_package_runtime_env(package_dir: Path | None = None, cwd: Path | None = None) -> dict | None:
+    """Inside a Ray job that shipped this checkout (`ray job submit --working-dir .`, `raylm submit`), the driver
+    imports raylm from the shipped copy (jobs/*.py put `platform/` first on sys.path), but the job's workers only get
+    the working dir itself on their path, not `platform/`: give them the same package as a `py_modules` entry (merged
+    into the job's runtime env), so the cluster's nodes need not have raylm installed, and an installed one on a
+    node never stands in for the code the job shipped."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # private: Ray is pinned
+
+    package_dir = (package_dir or Path(__file__).parent).resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    if RAY_JOB_CONFIG_JSON_ENV_VAR not in os.environ or not package_dir.is_relative_to(cwd):
+        return None
+    return {"py_modules": [str(package_dir)]}
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) -> Iterator[ResourcePlan]:
     """Use the Ray already initialised in this process, connect to `address`/`RAY_ADDRESS`, or start an embedded
@@ -248,7 +263,7 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
             # trial that Tune stopped early; without it they leak and the next trial waits forever.
             ray.init(num_cpus=plan_resources(cfg, embedded=True).cluster_cpus, include_dashboard=True, **common)
         else:
-            ray.init(address=target, **common)
+            ray.init(address=target, runtime_env=shipped_package_runtime_env(), **common)
     quiet_logging(verbose)
     try:
         resources = ray.cluster_resources()

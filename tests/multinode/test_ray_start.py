@@ -245,6 +245,36 @@ def test_ray_job_submit_runs_jobs_train_py_from_the_shipped_checkout(head):
     assert summary["step"] == 12
 
 
+# Single quotes only: `ray job submit` quotes its entrypoint with list2cmdline, for a shell.
+WORKER_PROBE = """
+import sys
+sys.path.insert(0, 'platform')  # what jobs/*.py do: the driver imports the shipped copy
+import ray, raylm
+from raylm.cluster import ray_session
+from raylm.config import load_config
+
+with ray_session(load_config(None, [])):
+    where = ray.get(ray.remote(num_cpus=0)(lambda: __import__('raylm').__file__).remote())
+print('driver raylm:', raylm.__file__)
+print('worker raylm:', where)
+"""
+
+
+def test_a_jobs_workers_import_the_shipped_raylm_not_an_installed_one(head):
+    """Nodes need not have raylm installed: a job's workers get the driver's shipped copy (py_modules), even here,
+    where an installed one (this checkout, editable) would otherwise answer."""
+    probed = head.run(
+        str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--",
+        "python", "-c", WORKER_PROBE, timeout=300, RAY_AUTH_MODE="token",
+    )  # fmt: skip
+    output = probed.stdout + probed.stderr
+    assert probed.returncode == 0, output[-4000:]
+    driver = re.search(r"driver raylm: (\S+)", output).group(1)
+    worker = re.search(r"worker raylm: (\S+)", output).group(1)
+    assert "runtime_resources" in driver and "runtime_resources" in worker, (driver, worker)
+    assert not worker.startswith(str(REPO)), worker
+
+
 def test_no_token_or_api_key_in_logs_or_manifests(head):
     """Runs after the others (pytest keeps file order): every file the head's session and the runs wrote."""
     secrets = {"Ray token": head.token, "API key": API_KEY}

@@ -37,3 +37,16 @@ def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkey
     monkeypatch.setattr(packaging, "GCS_STORAGE_MAX_SIZE", 4096)
     with pytest.raises(SubmitError, match="too large to ship"):
         check_upload(tmp_path)
+
+
+def test_a_job_that_shipped_raylm_hands_the_same_package_to_its_workers(monkeypatch, tmp_path):
+    from raylm.cluster import shipped_package_runtime_env
+
+    shipped = tmp_path / "platform" / "raylm"
+    shipped.mkdir(parents=True)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert shipped_package_runtime_env(shipped, tmp_path) is None  # not a job: the cluster is the user's own
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert shipped_package_runtime_env(shipped, tmp_path) == {"py_modules": [str(shipped.resolve())]}
+    # A job whose raylm is installed on the node (not in the shipped working dir) needs nothing shipped.
+    assert shipped_package_runtime_env(shipped, tmp_path / "elsewhere") is None
