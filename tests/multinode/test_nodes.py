@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raylm.cluster import check_run_dir_shared, nodes_missing, plan_resources
+from raylm.cluster import StorageNotShared, check_run_dir_shared, nodes_missing, plan_resources
 from raylm.config import load_config
 from raylm.data.prepare import run_prepare
 from raylm.storage import Location
@@ -49,6 +49,17 @@ def test_every_node_is_asked_whether_it_sees_run_dir(cluster, tmp_path):
     missing = nodes_missing(Location.parse(tmp_path / "absent"))
     assert len(missing) == 3 and len(set(missing)) == 3  # one answer per node, each from its own node
     check_run_dir_shared(Location.parse(tmp_path))  # one machine's disk: every node sees it
+
+
+def test_a_run_dir_the_nodes_cannot_see_stops_the_run_naming_them(cluster):
+    """pyarrow's `mock://` filesystem lives in the memory of the process that opened it: the driver writes the
+    marker, and no node's task can read it, as with a directory local to the driver's machine."""
+    with pytest.raises(StorageNotShared) as refused:
+        check_run_dir_shared(Location.parse("mock:///runs/t"))
+    message = str(refused.value)
+    assert message.startswith("run.dir=mock://runs is not seen from node(s) ") and "storage they all share" in message
+    named = message.split("node(s) ")[1].split(":")[0]
+    assert named.count("(") == 3  # every node, each by its address and id
 
 
 def test_training_puts_one_worker_on_each_node(cluster, tmp_path):

@@ -132,6 +132,22 @@ def _wait_for_jobs_api(head: Head) -> None:
     raise AssertionError("the head's Jobs API did not come up in 120 s")
 
 
+def _open_beyond_loopback(port: int) -> list[str]:
+    """This machine's other addresses on which `port` accepts a connection."""
+    import socket
+
+    addresses = [a.address for nic in psutil.net_if_addrs().values() for a in nic if a.family == socket.AF_INET]
+    reachable = []
+    for address in addresses:
+        if address.startswith("127."):
+            continue
+        with socket.socket() as sock:
+            sock.settimeout(2)
+            if sock.connect_ex((address, port)) == 0:
+                reachable.append(address)
+    return reachable
+
+
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -148,6 +164,8 @@ def test_the_jobs_api_refuses_a_request_without_the_right_token(head):
     submitted = httpx.post(f"{head.dashboard}/api/jobs/", json={"entrypoint": "touch /tmp/raylm-owned"}, timeout=10)
     assert submitted.status_code == 401 and not Path("/tmp/raylm-owned").exists()
     assert httpx.get(f"{head.dashboard}/api/jobs/", headers=_bearer(head.token), timeout=10).status_code == 200
+    # Bound to loopback: nothing answers on the machine's other addresses.
+    assert _open_beyond_loopback(int(head.dashboard.rsplit(":", 1)[1])) == []
 
 
 def test_raylm_prepares_trains_and_tunes_on_the_head_with_nothing_exported(head):
@@ -191,6 +209,7 @@ def test_raylm_serve_on_the_head_with_an_api_key(head, serve_port):
         body = {"prompt": "The river", "max_tokens": 3}
         url = f"{summary['url']}/v1/completions"
         assert httpx.post(url, json=body, headers=_bearer(API_KEY), timeout=60).status_code == 200
+        assert _open_beyond_loopback(port) == []  # serve.host defaults to 127.0.0.1
         refused = httpx.post(url, json=body, headers=_bearer("wrong"), timeout=60)
         assert refused.status_code == 401 and API_KEY not in refused.text and head.token not in refused.text
         process.send_signal(signal.SIGINT)
