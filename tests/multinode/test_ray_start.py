@@ -168,6 +168,18 @@ def test_the_jobs_api_refuses_a_request_without_the_right_token(head):
     assert _open_beyond_loopback(int(head.dashboard.rsplit(":", 1)[1])) == []
 
 
+def test_raylm_finds_the_token_wherever_ray_keeps_it_or_says_it_is_missing(head, tmp_path):
+    elsewhere = tmp_path / "another-home"  # no ~/.ray/auth_token here
+    elsewhere.mkdir()
+    (tmp_path / "token").write_text(head.token)
+    doctor = [str(BIN / "raylm"), "doctor", "--address", head.address, *tiny_overrides(head.runs, name="doc")]
+    assert head.run(*doctor, HOME=str(elsewhere), RAY_AUTH_TOKEN=head.token).returncode == 0
+    assert head.run(*doctor, HOME=str(elsewhere), RAY_AUTH_TOKEN_PATH=str(tmp_path / "token")).returncode == 0
+    missing = head.run(*doctor, HOME=str(elsewhere))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert "token" in missing.stderr and head.token not in missing.stderr + missing.stdout
+
+
 def test_raylm_prepares_trains_and_tunes_on_the_head_with_nothing_exported(head):
     overrides = tiny_overrides(head.runs, name="cli")
     prepared = _summary(head.run(str(BIN / "raylm"), "prepare", "--address", head.address, *overrides))
