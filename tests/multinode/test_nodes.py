@@ -83,6 +83,28 @@ def test_training_puts_one_worker_on_each_node(cluster, tmp_path):
     assert len(workers) == 2 and len({w.node_id for w in workers}) == 2
 
 
+def _train_in_background(cfg, cluster_cpus: int) -> tuple[threading.Thread, dict]:
+    """`run_train` in a thread while the test changes the cluster; its summary (or error) lands in the dict."""
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["summary"] = run_train(cfg, plan_resources(cfg, embedded=False, cluster_cpus=cluster_cpus))
+        except BaseException as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=train)
+    runner.start()
+    return runner, outcome
+
+
+def _wait_for_a_checkpoint(run_root, runner: threading.Thread, outcome: dict) -> None:
+    deadline = time.monotonic() + 240
+    while not list(run_root.rglob("checkpoint_*")) and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.5)
+    assert list(run_root.rglob("checkpoint_*")), outcome
+
+
 def _train_workers() -> list:
     from ray.util.state import list_actors
 
@@ -103,21 +125,9 @@ def test_a_worker_node_removed_mid_run_resumes_from_the_last_checkpoint_on_a_new
         ],
     )
     run_prepare(cfg)
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = run_train(cfg, plan_resources(cfg, embedded=False, cluster_cpus=4))
-        except BaseException as err:
-            outcome["error"] = err
-
-    runner = threading.Thread(target=train)
-    runner.start()
+    runner, outcome = _train_in_background(cfg, cluster_cpus=4)
     run_root = tmp_path / "moved"
-    deadline = time.monotonic() + 240
-    while not list(run_root.rglob("checkpoint_*")) and time.monotonic() < deadline and runner.is_alive():
-        time.sleep(0.5)
-    assert list(run_root.rglob("checkpoint_*")), outcome
+    _wait_for_a_checkpoint(run_root, runner, outcome)
     before: set = set()
     while len(before) < 2 and runner.is_alive():
         before = {w.node_id for w in _train_workers() if w.state == "ALIVE"}
@@ -162,21 +172,9 @@ def test_an_elastic_run_grows_when_a_node_joins(cluster, tmp_path, monkeypatch):
         ],
     )
     run_prepare(cfg)
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = run_train(cfg, plan_resources(cfg, embedded=False, cluster_cpus=3))
-        except BaseException as err:
-            outcome["error"] = err
-
-    runner = threading.Thread(target=train)
-    runner.start()
+    runner, outcome = _train_in_background(cfg, cluster_cpus=3)
     run_root = tmp_path / "grows"
-    deadline = time.monotonic() + 240
-    while not list(run_root.rglob("checkpoint_*")) and time.monotonic() < deadline and runner.is_alive():
-        time.sleep(0.5)
-    assert list(run_root.rglob("checkpoint_*")), outcome
+    _wait_for_a_checkpoint(run_root, runner, outcome)
     assert len([w for w in _train_workers() if w.state == "ALIVE"]) == 1
     cluster.add_node(num_cpus=3)
     runner.join(timeout=400)
