@@ -95,7 +95,7 @@ def upload(directory: Path) -> Finding:
     size = upload_size(directory)
     reason = f"{size / 2**20:.1f} MiB of {GCS_STORAGE_MAX_SIZE / 2**20:.0f} MiB allowed"
     if size >= GCS_STORAGE_MAX_SIZE:
-        return Finding("upload", "fail", f"{reason}: exclude large files (runtime_env excludes, .gitignore)")
+        return Finding("upload", "fail", f"{reason}: exclude large files (.rayignore, .gitignore)")
     return Finding("upload", "warn" if size >= GCS_STORAGE_MAX_SIZE // 2 else "ok", reason)
 
 

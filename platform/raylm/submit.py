@@ -23,8 +23,10 @@ JOB_SCRIPTS = {
 TOP_LEVEL_EXCLUDES = (".git", ".venv", "runs", "data")
 """Never part of a job's upload: history, the environment, and what the platform writes (at the top of the
 checkout only: `platform/raylm/data/` is code)."""
-EXCLUDE_PATTERNS = [*(f"/{name}" for name in TOP_LEVEL_EXCLUDES), "__pycache__"]
-"""The same as Ray's `runtime_env.excludes` (gitignore syntax: a leading slash anchors at the working dir)."""
+IGNORE_FILE = ".rayignore"
+"""Where the excludes live, for `raylm submit` and a plain `ray job submit --working-dir .` alike: Ray applies a
+.rayignore to the working dir only. (`runtime_env.excludes` would also apply to the `py_modules` a job's driver
+adds, where `/data` is the code of `raylm.data`: the workers could not import it.)"""
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -40,7 +42,12 @@ def entrypoint(stage: str, config: str | None, overrides: list[str], python: str
 
 
 def runtime_env(directory: Path) -> dict[str, Any]:
-    return {"working_dir": str(directory), "excludes": EXCLUDE_PATTERNS}
+    ignore = directory / IGNORE_FILE
+    if not ignore.is_file():
+        raise SubmitError(
+            f"raylm submit: {ignore} is missing: it keeps {', '.join(TOP_LEVEL_EXCLUDES)} out of the job's upload"
+        )
+    return {"working_dir": str(directory)}
 
 
 def shipped(relative: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from raylm.submit import SubmitError, check_upload, entrypoint, runtime_env, shipped
+from tests.conftest import REPO
 
 HOSTILE = ["run.name=x; touch /tmp/owned", "data.max_bytes=$(touch /tmp/owned)", "train.lr=`id`", "a=b'c\"d"]
 
@@ -22,12 +23,14 @@ def test_unknown_stage_is_refused_by_name():
         entrypoint("serve", None, [])
 
 
-def test_what_travels_with_a_job():
+def test_what_travels_with_a_job(tmp_path):
     assert shipped(Path("platform/raylm/data/prepare.py"))  # code named data is code
     assert shipped(Path("jobs/train.py"))
     for stays in ("data/corpus.txt", "runs/t/stage.json", ".venv/bin/python", ".git/HEAD", "x/__pycache__/y.pyc"):
         assert not shipped(Path(stays)), stays
-    assert runtime_env(Path("/repo"))["excludes"] == ["/.git", "/.venv", "/runs", "/data", "__pycache__"]
+    assert runtime_env(REPO) == {"working_dir": str(REPO)}  # the excludes are in REPO/.rayignore
+    with pytest.raises(SubmitError, match=r"\.rayignore is missing"):
+        runtime_env(tmp_path)
 
 
 def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkeypatch):
