@@ -90,9 +90,13 @@ def auth() -> Finding:
 
 def upload(directory: Path) -> Finding:
     """What `ray job submit --working-dir <directory>` would upload, against Ray's package size limit."""
+    return upload_verdict(upload_size(directory))
+
+
+def upload_verdict(size: int) -> Finding:
+    """An upload of `size` bytes against Ray's package size limit."""
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE  # Ray's limit; private, Ray pinned
 
-    size = upload_size(directory)
     reason = f"{size / 2**20:.1f} MiB of {GCS_STORAGE_MAX_SIZE / 2**20:.0f} MiB allowed"
     if size >= GCS_STORAGE_MAX_SIZE:
         return Finding("upload", "fail", f"{reason}: exclude large files (.rayignore, .gitignore)")

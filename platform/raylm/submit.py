@@ -57,12 +57,13 @@ def shipped(relative: Path) -> bool:
 
 def check_upload(directory: Path) -> int:
     """The upload's size in bytes; SubmitError when Ray would refuse it."""
-    from raylm.doctor import upload, upload_size
+    from raylm.doctor import upload_size, upload_verdict
 
-    finding = upload(directory)
+    size = upload_size(directory)  # one walk of the tree: the verdict and the size reported come from it
+    finding = upload_verdict(size)
     if finding.status == "fail":
         raise SubmitError(f"raylm submit: the working directory {directory} is too large to ship: {finding.reason}")
-    return upload_size(directory)
+    return size
 
 
 def submit(
@@ -72,9 +73,10 @@ def submit(
     from ray.job_submission import JobSubmissionClient
 
     command = entrypoint(stage, config, overrides, python)
+    env = runtime_env(directory)  # a checkout without .rayignore is refused before its tree is walked
     size = check_upload(directory)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(directory))
+    job_id = client.submit_job(entrypoint=command, runtime_env=env)
     return {"stage": "submit", "job_id": job_id, "entrypoint": command, "upload_mib": round(size / 2**20, 2)}
 
 
