@@ -8,8 +8,8 @@ Ray's authentication mode; and what `ray job submit --working-dir .` would uploa
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -103,22 +103,21 @@ def upload_verdict(size: int) -> Finding:
     return Finding("upload", "warn" if size >= GCS_STORAGE_MAX_SIZE // 2 else "ok", reason)
 
 
-def upload_size(directory: Path) -> int:
-    """Bytes of the files a job upload takes: git's tracked and untracked-but-not-ignored files (Ray honours
-    .gitignore), else every file; never what `raylm submit` excludes."""
-    from raylm.submit import shipped
+def upload_files(directory: Path) -> list[Path]:
+    """The files `ray job submit --working-dir <directory>` uploads, found by Ray's own walk of the tree: it honours
+    .gitignore (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and .rayignore, in every folder, as the upload does."""
+    from ray._private.runtime_env.packaging import _dir_travel  # the upload's walk; private, Ray pinned
 
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=directory,
-        capture_output=True,
-    )
-    if listed.returncode == 0:
-        files = [directory / name for name in listed.stdout.decode().split("\0") if name]
-    else:
-        files = [path for path in directory.rglob("*") if path.is_file()]
-    kept = [f for f in files if shipped(f.relative_to(directory))]
-    return sum(f.stat().st_size for f in kept if f.is_file())
+    files: list[Path] = []
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    quiet = logging.getLogger("raylm.doctor.upload")  # Ray's walk logs every ignore file it reads at INFO
+    _dir_travel(directory.absolute(), [], lambda p: p.is_file() and files.append(p), include_gitignore, logger=quiet)
+    return files
+
+
+def upload_size(directory: Path) -> int:
+    """Bytes of a job's upload, before compression (Ray's limit applies to the zip: this errs on the safe side)."""
+    return sum(path.stat().st_size for path in upload_files(directory))
 
 
 def run_doctor(cfg: Config, plan: ResourcePlan, directory: Path | None = None) -> dict[str, Any]:

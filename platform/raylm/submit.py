@@ -20,11 +20,9 @@ JOB_SCRIPTS = {
     "tune": "jobs/tune.py",
     "pipeline": "jobs/pipeline.py",
 }
-TOP_LEVEL_EXCLUDES = (".git", ".venv", "runs", "data")
-"""Never part of a job's upload: history, the environment, and what the platform writes (at the top of the
-checkout only: `platform/raylm/data/` is code)."""
 IGNORE_FILE = ".rayignore"
-"""Where the excludes live, for `raylm submit` and a plain `ray job submit --working-dir .` alike: Ray applies a
+"""What never travels with a job (history, the environment, what the platform writes), for `raylm submit` and a
+plain `ray job submit --working-dir .` alike; `raylm doctor` counts the upload through it too. Ray applies a
 .rayignore to the working dir only. (`runtime_env.excludes` would also apply to the `py_modules` a job's driver
 adds, where `/data` is the code of `raylm.data`: the workers could not import it.)"""
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -45,14 +43,10 @@ def runtime_env(directory: Path) -> dict[str, Any]:
     ignore = directory / IGNORE_FILE
     if not ignore.is_file():
         raise SubmitError(
-            f"raylm submit: {ignore} is missing: it keeps {', '.join(TOP_LEVEL_EXCLUDES)} out of the job's upload"
+            f"raylm submit: {ignore} is missing: it keeps the checkout's history, environment and outputs "
+            "(.git, .venv, runs, data) out of the job's upload"
         )
     return {"working_dir": str(directory)}
-
-
-def shipped(relative: Path) -> bool:
-    """Whether a file (relative to the working dir) travels with a job."""
-    return relative.parts[0] not in TOP_LEVEL_EXCLUDES and "__pycache__" not in relative.parts
 
 
 def check_upload(directory: Path) -> int:

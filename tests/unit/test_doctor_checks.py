@@ -1,7 +1,5 @@
 """raylm doctor's checks that need no cluster: versions, auth mode, the size of a job upload."""
 
-import subprocess
-
 import pytest
 
 from raylm.doctor import auth, upload, upload_size, versions
@@ -22,15 +20,20 @@ def test_auth_mode(monkeypatch):
 
 
 def test_upload_counts_what_a_job_would_ship(tmp_path, monkeypatch):
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / ".gitignore").write_text("ignored.bin\n")
+    (tmp_path / ".rayignore").write_text("/.venv/\n/runs/\n/data/\n")
     (tmp_path / "code.py").write_bytes(b"x" * 1000)
     (tmp_path / "ignored.bin").write_bytes(b"x" * 50_000)  # .gitignore'd: Ray leaves it out too
     for excluded in (".venv", "runs", "data"):
         (tmp_path / excluded).mkdir()
         (tmp_path / excluded / "big.bin").write_bytes(b"x" * 100_000)
-    assert upload_size(tmp_path) == 1000 + len("ignored.bin\n")
+    (tmp_path / "pkg" / "data").mkdir(parents=True)  # anchored patterns: a package named data is code
+    (tmp_path / "pkg" / "data" / "module.py").write_bytes(b"x" * 300)
+    ignore_files = len("ignored.bin\n") + len("/.venv/\n/runs/\n/data/\n")
+    assert upload_size(tmp_path) == 1000 + 300 + ignore_files
     assert upload(tmp_path).status == "ok"
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray's switch: then .gitignore'd files travel
+    assert upload_size(tmp_path) == 1000 + 300 + ignore_files + 50_000
 
     import ray._private.runtime_env.packaging as packaging
 

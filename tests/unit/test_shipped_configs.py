@@ -47,10 +47,11 @@ def test_cluster_yaml_is_valid_for_ray_up():
 
 
 def test_rayignore_keeps_ray_job_submit_uploads_to_code():
-    """`ray job submit --working-dir .` reads .gitignore and .rayignore: together they leave out what `raylm submit`
-    leaves out."""
-    from raylm.submit import TOP_LEVEL_EXCLUDES
+    """`ray job submit --working-dir .` (and `raylm submit`) ship this checkout through .gitignore and .rayignore:
+    Ray's own walk of it leaves out history, the environment and the outputs, and keeps raylm's code whole."""
+    from raylm.doctor import upload_files
 
-    ignored = set((REPO / ".gitignore").read_text().split()) | set((REPO / ".rayignore").read_text().split())
-    for pattern in TOP_LEVEL_EXCLUDES:
-        assert f"/{pattern}/" in ignored, pattern
+    shipped = {path.relative_to(REPO) for path in upload_files(REPO)}
+    assert not [path for path in shipped if path.parts[0] in {".git", ".venv", "runs", "data"}]
+    assert not [path for path in shipped if "__pycache__" in path.parts]
+    assert Path("platform/raylm/data/pack.py") in shipped and Path("jobs/train.py") in shipped

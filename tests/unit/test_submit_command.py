@@ -2,11 +2,11 @@
 should be."""
 
 import shlex
-from pathlib import Path
+import shutil
 
 import pytest
 
-from raylm.submit import SubmitError, check_upload, entrypoint, runtime_env, shipped
+from raylm.submit import SubmitError, check_upload, entrypoint, runtime_env
 from tests.conftest import REPO
 
 HOSTILE = ["run.name=x; touch /tmp/owned", "data.max_bytes=$(touch /tmp/owned)", "train.lr=`id`", "a=b'c\"d"]
@@ -24,13 +24,20 @@ def test_unknown_stage_is_refused_by_name():
 
 
 def test_what_travels_with_a_job(tmp_path):
-    assert shipped(Path("platform/raylm/data/prepare.py"))  # code named data is code
-    assert shipped(Path("jobs/train.py"))
-    for stays in ("data/corpus.txt", "runs/t/stage.json", ".venv/bin/python", ".git/HEAD", "x/__pycache__/y.pyc"):
-        assert not shipped(Path(stays)), stays
-    assert runtime_env(REPO) == {"working_dir": str(REPO)}  # the excludes are in REPO/.rayignore
+    """The checkout's .rayignore, applied by Ray's own upload walk to a tree holding every kind of file."""
+    from raylm.doctor import upload_files
+
+    shutil.copy(REPO / ".rayignore", tmp_path / ".rayignore")
+    travels = ["platform/raylm/data/prepare.py", "jobs/train.py"]  # code named data is code
+    stays = ["data/corpus.txt", "runs/t/stage.json", ".venv/bin/python", ".git/HEAD", "x/__pycache__/y.pyc"]
+    for name in travels + stays:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    shipped = {path.relative_to(tmp_path).as_posix() for path in upload_files(tmp_path)}
+    assert shipped == {*travels, ".rayignore"}
+    assert runtime_env(REPO) == {"working_dir": str(REPO)}
     with pytest.raises(SubmitError, match=r"\.rayignore is missing"):
-        runtime_env(tmp_path)
+        runtime_env(tmp_path.parent / "elsewhere")
 
 
 def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkeypatch):
