@@ -68,6 +68,12 @@ def _versions(registry: Location, name: str) -> list[int]:
     return sorted(int(p.name) for p in (registry / name).iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
 
+def _next_version(registry: Location, name: str) -> int:
+    """One past every numbered folder, complete or still being written by another registration, so that two
+    registrations never pick the same number (a folder a crash left without its manifest only burns a number)."""
+    return max((int(p.name) for p in (registry / name).iterdir() if p.name.isdigit()), default=0) + 1
+
+
 def weights_hash(model_dir: Location) -> str:
     digest = hashlib.sha256()
     weights = model_dir / "model.safetensors"
@@ -106,13 +112,12 @@ def register(
             return existing, False
     staging = registry / name / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    target = None
+    target, moved = None, False
     try:
         copy_model_files(checkpoint, staging)
         decision = gate(staging) if gate is not None else None
-        version = (_versions(registry, name) or [0])[-1] + 1
-        target = registry / name / str(version)
-        staging.move(target)
+        version, target = _move_to_next_version(staging, registry, name)
+        moved = True
         manifest = {
             "name": name,
             "version": version,
@@ -129,10 +134,24 @@ def register(
         write_json(target / MANIFEST, manifest)  # last: until it exists, the version does not
     except BaseException:
         staging.rmtree()
-        if target is not None and not (target / MANIFEST).is_file():
+        if moved and not (target / MANIFEST).is_file():  # only what this registration put there
             target.rmtree()
         raise
     return ModelVersion(name, version, target, manifest), True
+
+
+def _move_to_next_version(staging: Location, registry: Location, name: str, tries: int = 5) -> tuple[int, Location]:
+    """Moves the staged files into the next version's folder. Another registration that takes the number first
+    makes the move fail (a rename onto a non-empty folder, on a local or POSIX filesystem): then the next one."""
+    for attempt in range(1, tries + 1):
+        version = _next_version(registry, name)
+        target = registry / name / str(version)
+        try:
+            staging.move(target)
+            return version, target
+        except OSError:
+            if attempt == tries:
+                raise
 
 
 def resolve(registry: Location | Path | str, ref: str) -> ModelVersion:

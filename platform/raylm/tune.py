@@ -198,8 +198,8 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     rows = trial_rows(grid, list(cfg.tune.space), budget.tokens, paths.tune)
     summary = summarize(rows, list(cfg.tune.space), budget, time.monotonic() - started)
     write_results(rows, summary, paths.tune)
+    write_json(paths.tune / BEST_FILE, summary)  # before the table: the sweep's outcome never hangs on printing
     show_results(rows, summary)
-    write_json(paths.tune / BEST_FILE, summary)
     return summary
 
 

@@ -94,6 +94,7 @@ def write_results(rows: list[dict[str, Any]], summary: dict[str, Any], directory
 
 
 def show_results(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from raylm.progress import console
@@ -111,7 +112,7 @@ def show_results(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             _number(row["tokens_seen"]),
             _number(row["val_loss"], ".4f"),
             _number(row["val_ppl"], ".2f"),
-            row["status"] + (f": {row['error']}" if row["error"] else ""),
+            escape(row["status"] + (f": {row['error']}" if row["error"] else "")),  # "[/data/x]" is not markup
             style="bold green" if best else None,
         )
     console.print(table)
@@ -121,7 +122,9 @@ def _number(value: Any, spec: str = "") -> str:
     if value is None:
         return "-"
     if not isinstance(value, int | float):
-        return str(value)
+        from rich.markup import escape
+
+        return escape(str(value))  # a swept string value is shown as written, not read as markup
     if isinstance(value, float) and not spec:
         return f"{value:.3g}"
     return format(value, spec or ",")

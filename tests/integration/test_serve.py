@@ -92,6 +92,11 @@ def test_models_and_health(server):
         ({"prompt": "a", "stream": "yes"}, 400, "stream"),
         ({"prompt": "a", "logprobs": 2}, 400, "logprobs"),
         ([1, 2], 400, None),
+        ("[" * 100_000, 400, None),  # nested too deep for the JSON parser, yet under the size limit
+        ('{"prompt": "a", "seed": ' + "1" * 5000 + "}", 400, None),  # an integer past Python's digit limit
+        ({"prompt": "a", "seed": 2**64}, 400, "seed"),
+        ('{"prompt": "a\\ud800b"}', 400, "prompt"),  # a lone surrogate: no tokenizer can encode it
+        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ],
 )
 def test_client_mistakes_get_4xx_with_an_error_object(server, body, status, param):
@@ -115,6 +120,7 @@ def test_client_mistakes_get_4xx_with_an_error_object(server, body, status, para
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
         ("[", 400, None),
+        ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages.0.content"),
     ],
 )
 def test_chat_mistakes_get_4xx_with_an_error_object(server, body, status, param):
@@ -134,6 +140,35 @@ def test_a_body_over_the_limit_is_413(server):
     _, client, _ = server
     response = client.post("/v1/completions", json={"prompt": "a" * (2 << 20)})
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_without_a_declared_length(server):
+    _, client, _ = server
+    chunks = iter([b'{"prompt": "', b"a" * (1 << 20), b"a" * (1 << 20), b'"}'])  # no Content-Length: chunked
+    response = client.post("/v1/completions", content=chunks, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_what_openai_clients_send_is_served(server):
+    """Forms OpenAI accepts that a strict server could get wrong: nulls for defaults, a long stop string, an empty
+    one, a temperature too small to divide by, the largest seed."""
+    _, client, _ = server
+    base = {"prompt": "The old miller", "max_tokens": 6}
+    greedy = client.post("/v1/completions", json={**base, "temperature": 0}).json()["choices"][0]["text"]
+    for extra in (
+        {"temperature": None, "top_p": None, "seed": 1},
+        {"stop": "\n\nHuman:", "temperature": 0},
+        {"stop": "", "temperature": 0},
+        {"temperature": 1e-40},
+        {"seed": 2**64 - 1},
+    ):
+        response = client.post("/v1/completions", json={**base, **extra})
+        assert response.status_code == 200, (extra, response.text)
+        if "temperature" in extra and extra["temperature"] is not None and extra["temperature"] < 1e-5:
+            assert response.json()["choices"][0]["text"] == greedy, extra
+    defaulted = client.post("/v1/completions", json={"prompt": "The", "max_tokens": None, "temperature": 0}).json()
+    finish, tokens = defaulted["choices"][0]["finish_reason"], defaulted["usage"]["completion_tokens"]
+    assert (finish, tokens) == ("length", 16) or (finish == "stop" and tokens < 16)  # OpenAI's default max_tokens
 
 
 def test_prompt_over_the_context_names_the_numbers(server):

@@ -43,6 +43,19 @@ def test_seeded_sampling_repeats_and_stop_strings_cut():
         assert stop not in cut.text and cut.finish_reason == "stop"
 
 
+def test_a_vanishing_temperature_decodes_greedily_instead_of_overflowing():
+    """logits / 1e-40 is inf, and sampling from it raises: under GREEDY_BELOW the request is greedy (vLLM's rule),
+    and one such request in a batch leaves the others sampling as asked."""
+    model, tokenizer = _model_and_tokenizer()
+    ids = tokenizer("def", add_special_tokens=False)["input_ids"]
+    greedy = generate_batch(model, tokenizer, [GenerationRequest(ids, 8, temperature=0)])[0]
+    tiny, sampled = generate_batch(
+        model, tokenizer, [GenerationRequest(ids, 8, temperature=1e-40), GenerationRequest(ids, 8, seed=3)]
+    )
+    assert tiny.token_ids == greedy.token_ids
+    assert sampled.token_ids == generate_batch(model, tokenizer, [GenerationRequest(ids, 8, seed=3)])[0].token_ids
+
+
 def test_padded_embedding_rows_are_never_sampled():
     """`model.vocab_multiple` pads the embedding past the tokenizer: make the padded ids the most likely and check
     that generation still only returns the tokenizer's ids."""

@@ -103,6 +103,70 @@ def test_a_registry_on_another_filesystem(tmp_path):
     assert load_pretrained(str(local)).config.n_layer == 2
 
 
+def test_a_version_another_registration_is_writing_is_never_taken_or_deleted(tmp_path):
+    """Another registration has moved its files into `lm/1` and not yet written the manifest: this one takes 2 and
+    leaves 1 alone (it used to pick 1 too, fail to move onto it, and delete the other's files)."""
+    registry = tmp_path / "registry"
+
+    def other_registration_moves_in(staged) -> dict:
+        (registry / "lm" / "1").mkdir()
+        (registry / "lm" / "1" / "model.safetensors").write_bytes(b"the other registration's weights")
+        return {"promote": False}
+
+    version, _ = register(registry, "lm", make_checkpoint(tmp_path / "c", 0), {}, gate=other_registration_moves_in)
+    assert version.version == 2 and resolve(registry, "lm:2").manifest["weights_sha256"]
+    assert (registry / "lm" / "1" / "model.safetensors").read_bytes() == b"the other registration's weights"
+
+
+def test_registrations_at_once_each_get_a_whole_version(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylm.registry import weights_hash
+
+    registry = tmp_path / "registry"
+    checkpoints = [make_checkpoint(tmp_path / f"c{seed}", seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda c: register(registry, "lm", c, {})[0], checkpoints))
+    assert sorted(v.version for v in versions) == [1, 2, 3, 4] and list_models(registry) == {"lm": [1, 2, 3, 4]}
+    for checkpoint, version in zip(checkpoints, versions, strict=True):
+        assert version.manifest["weights_sha256"] == weights_hash(Location.parse(checkpoint))
+        assert weights_hash(version.path) == version.manifest["weights_sha256"]  # its own files, all of them
+
+
+def test_a_remote_version_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A replica serving from a remote registry copies the version into a local cache: a failed copy leaves
+    nothing behind, and a copy another replica on the node finished first is used, its own partial one removed."""
+    import dataclasses
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from raylm.serving.source import _cached_copy
+
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    registry = Location(pafs._MockFileSystem(), "bucket/registry")
+    register(registry, "lm", make_checkpoint(tmp_path / "c", seed=0), {})
+    found = resolve(registry, "lm:1")
+
+    class OtherReplicaFinishesFirst(Location):
+        def download(self, local_dir):
+            super().download(local_dir)
+            shutil.copytree(local_dir, local_dir.parent / local_dir.name.split(".")[1])  # the final name, taken
+            return local_dir
+
+    racing = dataclasses.replace(found, path=OtherReplicaFinishesFirst(found.path.fs, found.path.path))
+    local = _cached_copy(racing)
+    assert load_pretrained(str(local)).config.n_layer == 2
+    assert [p.name for p in local.parent.iterdir()] == [local.name]  # no partial copy left
+
+    shutil.rmtree(local)
+    gone = dataclasses.replace(found, path=found.path.parent / "99")  # the files vanished from the registry
+    with pytest.raises(OSError):
+        _cached_copy(gone)
+    assert list(local.parent.iterdir()) == []
+    assert _cached_copy(found) == local and (local / "model.safetensors").is_file()
+
+
 def test_latest_is_computed_best_is_stored_and_promoted_by_hand(tmp_path):
     registry = tmp_path / "registry"
     register(registry, "lm", make_checkpoint(tmp_path / "c1", seed=0), {})

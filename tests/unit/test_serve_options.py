@@ -18,6 +18,12 @@ def test_a_public_bind_needs_an_api_key(monkeypatch, tmp_path):
     options = app_options(load_config(None, ["serve.host=0.0.0.0", f"serve.api_key_file={key_file}"]), threads=1)
     assert options["api_key_sha256"] and "sk-from-a-file" not in str(options)  # only the hash travels
     assert app_options(load_config(None, []), threads=1)["api_key_sha256"] is None  # loopback: no key needed
+    # The same key from the environment with a stray newline (a .env file, a paste) is the same key: same hash.
+    monkeypatch.setenv("RAYLM_API_KEY", "sk-from-a-file\n")
+    assert app_options(load_config(None, ["serve.host=0.0.0.0"]), threads=1) == options
+    monkeypatch.setenv("RAYLM_API_KEY", " \n")  # blank is no key: the public bind is still refused
+    with pytest.raises(ServeConfigError):
+        app_options(public, threads=1)
 
 
 def test_serve_fields_become_serves_deployment_and_http_options():

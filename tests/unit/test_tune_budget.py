@@ -69,3 +69,16 @@ def test_swept_values_keep_their_field_type():
     cfg = load_config(None, ['tune.space={"train.lr": {"grid": [3e-3, 1e-2]}, "train.batch_size": {"choice": ["8"]}}'])
     assert cfg.tune.space["train.lr"]["grid"] == [0.003, 0.01]
     assert cfg.tune.space["train.batch_size"]["choice"] == [8]
+
+
+def test_the_results_table_shows_error_text_as_written(capsys):
+    """A trial's error is printed as text: rich would read "[/data/x.bin]" as a closing tag and raise."""
+    from raylm.tune_results import show_results
+
+    row = {"trial_id": "t1", "train.lr": 1e-3, "steps": 4, "tokens_seen": 128, "val_loss": None, "val_ppl": None}
+    rows = [
+        {**row, "status": "error", "error": "OSError: cannot read [/data/x.bin] [bold]"},
+        {**row, "trial_id": "t2", "val_loss": 2.0, "val_ppl": 7.39, "status": "done", "error": None},
+    ]
+    show_results(rows, {"best_config": {"train.lr": 1e-3}, "best_trial": "t2"})
+    assert "[/data/x.bin] [bold]" in capsys.readouterr().err  # raylm's console is stderr

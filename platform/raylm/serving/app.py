@@ -158,12 +158,15 @@ async def _json_body(request: Request) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
         raise ClientError(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ClientError(413, f"request body of {len(raw)} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    raw, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a chunked upload declares no length
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ClientError(413, f"request body is over the {MAX_BODY_BYTES}-byte limit")
+        raw.append(chunk)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return json.loads(b"".join(raw))
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer of 5000 digits, "[" nested 100k deep
         raise ClientError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
 
 

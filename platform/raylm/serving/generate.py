@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5
+"""vLLM's threshold (_SAMPLING_EPS): a lower temperature is greedy decoding."""
+
 
 @dataclass
 class GenerationRequest:
@@ -105,8 +108,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _greedy(request: GenerationRequest) -> bool:
+    """Temperatures under GREEDY_BELOW decode greedily, as vLLM does: dividing logits by 1e-40 overflows to inf."""
+    return request.temperature < GREEDY_BELOW
+
+
 def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
-    if request.temperature == 0 or generator is None:
+    if _greedy(request) or generator is None:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / request.temperature, dim=-1)
     if request.top_p < 1:
@@ -121,7 +129,7 @@ def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Gen
 def _generators(requests: list[GenerationRequest]) -> list[torch.Generator | None]:
     generators: list[torch.Generator | None] = []
     for request in requests:
-        if request.temperature == 0:
+        if _greedy(request):
             generators.append(None)
             continue
         generator = torch.Generator()

@@ -11,9 +11,19 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+def _encodable(text: str) -> str:
+    """JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer encodes: a UnicodeEncodeError here is a
+    ValueError, which pydantic reports as a 400 naming the field."""
+    text.encode("utf-8")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+NonEmpty = Annotated[Text, StringConstraints(min_length=1)]
+SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}  # what torch.Generator.manual_seed accepts
 
 
 class StreamOptions(BaseModel):
@@ -26,6 +36,12 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, body: object) -> object:
+        """OpenAI reads `"temperature": null` (any field) as "not given": the default applies."""
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -33,15 +49,16 @@ class SamplingFields(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, **SEED_RANGE)
     user: str | None = None
 
     @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [stop for stop in stops if stop]  # an empty string would end every reply at once
 
 
 class CompletionRequest(SamplingFields):
@@ -57,13 +74,13 @@ class CompletionRequest(SamplingFields):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     @property

@@ -32,7 +32,7 @@ def model_source(cfg: Config) -> ModelSource:
 
 def api_key(section: ServeSection) -> str | None:
     """The serving API key from `RAYLM_API_KEY` or `serve.api_key_file`; never from the config itself."""
-    key = os.environ.get(API_KEY_ENV)
+    key = os.environ.get(API_KEY_ENV, "").strip()  # the key as typed: a stray newline would lock every client out
     if not key and section.api_key_file:
         try:
             key = Path(section.api_key_file).expanduser().read_text().strip()
@@ -107,7 +107,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     _check_http_options(cfg.serve)
     serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    url = f"http://{host}:{cfg.serve.port}"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"  # an IPv6 address goes in brackets
     wait_until_healthy(url, timeout_s)
     return {
         "stage": "serve",

@@ -9,6 +9,7 @@ the old one and swapped in by one reference assignment, so requests in flight fi
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,18 @@ def resolve_source(source: ModelSource) -> ResolvedModel:
 def _cached_copy(found) -> Path:
     cache = Path(os.environ.get("RAYLM_CACHE", "~/.cache/raylm")).expanduser() / "models"
     local = cache / f"{found.name}-{found.version}-{found.manifest['weights_sha256'][:12]}"
-    if not local.is_dir():
-        partial = found.path.download(local.with_name(f".{local.name}.{os.getpid()}.partial"))
-        partial.rename(local)  # complete or absent, even if two servers start at once
+    if local.is_dir():
+        return local
+    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    try:
+        found.path.download(partial)
+        partial.rename(local)  # complete or absent
+    except OSError:
+        if not local.is_dir():  # a failed download: nothing half-written stays behind
+            raise
+        # Another replica on this node finished the same copy first: its copy is the same files.
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return local
 
 
