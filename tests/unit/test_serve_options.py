@@ -5,7 +5,7 @@ import pytest
 from raylm.config import ConfigError, load_config
 from raylm.data.tokenizer import train_bpe
 from raylm.serving.chat import DEFAULT_STOP, render_chat
-from raylm.serving.server import ServeConfigError, app_options, deployment_options, http_options
+from raylm.serving.server import ServeConfigError, app_options, deployment_options, http_options, local_url
 
 
 def test_a_public_bind_needs_an_api_key(monkeypatch, tmp_path):
@@ -59,3 +59,10 @@ def test_chat_without_a_template_uses_the_documented_default():
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     text, stops = render_chat(tokenizer, [("user", "Hello?")])
     assert text == "<user>Hello?<assistant>" and stops == []
+
+
+def test_the_servers_local_url_for_each_kind_of_bind():
+    assert local_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert local_url("0.0.0.0", 8000) == local_url("::", 8000) == "http://127.0.0.1:8000"
+    assert local_url("::1", 8000) == "http://[::1]:8000"  # httpx refuses http://::1:8000
+    assert local_url("localhost", 9) == "http://localhost:9"

@@ -41,6 +41,12 @@ def api_key(section: ServeSection) -> str | None:
     return key or None
 
 
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches the server: a wildcard bind through loopback, an IPv6 address in brackets."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -106,8 +112,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     serve.start(http_options=http_options(cfg.serve))
     _check_http_options(cfg.serve)
     serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
-    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"  # an IPv6 address goes in brackets
+    url = local_url(cfg.serve.host, cfg.serve.port)
     wait_until_healthy(url, timeout_s)
     return {
         "stage": "serve",
