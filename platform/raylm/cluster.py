@@ -189,8 +189,24 @@ def target_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def worker_env() -> dict[str, str]:
+    """Variables raylm's Ray workers need whoever started the cluster: set in this process for an embedded cluster,
+    and in the runtime env of a job on a cluster raylm connects to.
+
+    Ray Data's executors share the cluster's CPUs and object store through one coordinator, each renewing its
+    request every 10 s. An executor that dies without shutting down (the training worker of a trial ASHA stopped, a
+    killed worker) keeps its share until its request expires, 180 s by default: the next trial's data stream is
+    held to what the dead one leaves, and its training waits for blocks. Measured in a 4-trial sweep on 2 cores, the same trial after
+    a stop: 2,850 tokens/s (80 s) at 180 s, 8,600 tokens/s (49 s) at 30 s."""
+    return {
+        "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": os.environ.get("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
+    }
+
+
 def prepare_environment() -> None:
     """Environment every raylm process (and the Ray workers it starts) runs with."""
+    for name, value in worker_env().items():
+        os.environ.setdefault(name, value)
     # Token auth on by default, for embedded clusters and clients alike; an explicit RAY_AUTH_MODE wins.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     # No hub downloads unless the user asks for a hub id; telemetry off.
@@ -263,7 +279,8 @@ def ray_session(cfg: Config, address: str | None = None, verbose: bool = False) 
             # trial that Tune stopped early; without it they leak and the next trial waits forever.
             ray.init(num_cpus=plan_resources(cfg, embedded=True).cluster_cpus, include_dashboard=True, **common)
         else:
-            ray.init(address=target, runtime_env=shipped_package_runtime_env(), **common)
+            runtime_env = {**(shipped_package_runtime_env() or {}), "env_vars": worker_env()}
+            ray.init(address=target, runtime_env=runtime_env, **common)
     quiet_logging(verbose)
     try:
         resources = ray.cluster_resources()

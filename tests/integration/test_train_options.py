@@ -78,3 +78,14 @@ def test_epochs_bf16_accumulation_and_mlflow(ray_cluster, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     assert client.get_metric_history(run.info.run_id, "val_loss")[-1].value == pytest.approx(summary["val_loss"])
     assert run.data.params["train.precision"] == "bf16"
+
+
+def test_the_clusters_workers_run_with_raylms_worker_variables(ray_cluster):
+    """A worker of an embedded cluster sees raylm's variables (cluster.worker_env): a Ray Data executor that died
+    gives its share of the cluster back within 30 s, not Ray's 180 s."""
+    import os
+
+    import ray
+
+    probe = ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"))
+    assert ray.get(probe.remote()) == "30"

@@ -286,8 +286,11 @@ from raylm.config import load_config
 
 with ray_session(load_config(None, [])):
     where = ray.get(ray.remote(num_cpus=0)(lambda: __import__('raylm').__file__).remote())
+    variable = 'RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S'
+    expiry = ray.get(ray.remote(num_cpus=0)(lambda: __import__('os').environ.get(variable)).remote())
 print('driver raylm:', raylm.__file__)
 print('worker raylm:', where)
+print('worker data request expiry:', expiry)
 """
 
 
@@ -304,6 +307,8 @@ def test_a_jobs_workers_import_the_shipped_raylm_not_an_installed_one(head):
     worker = re.search(r"worker raylm: (\S+)", output).group(1)
     assert "runtime_resources" in driver and "runtime_resources" in worker, (driver, worker)
     assert not worker.startswith(str(REPO)), worker
+    # raylm's worker variables reach a job's workers on a cluster raylm did not start (its runtime env).
+    assert re.search(r"worker data request expiry: (\S+)", output).group(1) == "30", output[-2000:]
 
 
 def test_no_token_or_api_key_in_logs_or_manifests(head):

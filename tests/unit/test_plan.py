@@ -24,3 +24,14 @@ def test_gpu_trials_fit_the_gpus():
     assert concurrent([*gpu, "train.num_workers=2"], cpus=64, gpus=4) == 2
     assert concurrent([*gpu, "train.num_workers=1", "train.gpus_per_worker=0.5"], cpus=64, gpus=1) == 2
     assert concurrent([*gpu, "train.num_workers=1", "tune.max_concurrent_trials=3"], cpus=64, gpus=1) == 3  # asked
+
+
+def test_workers_give_a_dead_data_executors_share_back_within_30_seconds(monkeypatch):
+    """Ray Data keeps a dead executor's share of the cluster until its request expires (180 s by default): raylm's
+    processes and the workers of an embedded cluster run with 30 s, and a user's own setting wins."""
+    from raylm.cluster import worker_env
+
+    monkeypatch.delenv("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", raising=False)
+    assert worker_env() == {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+    monkeypatch.setenv("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "60")
+    assert worker_env()["RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"] == "60"
