@@ -81,8 +81,8 @@ def test_epochs_bf16_accumulation_and_mlflow(ray_cluster, tmp_path):
 
 
 def test_the_clusters_workers_run_with_raylms_worker_variables(ray_cluster):
-    """A worker of an embedded cluster sees raylm's variables (cluster.worker_env): a Ray Data executor that died
-    gives its share of the cluster back within 30 s, not Ray's 180 s."""
+    """A worker of an embedded cluster sees raylm's variables (cluster.worker_env): the share of the cluster a
+    Ray Data executor that died held expires after 30 s, not Ray's 180 s."""
     import os
 
     import ray

@@ -26,7 +26,7 @@ def test_gpu_trials_fit_the_gpus():
     assert concurrent([*gpu, "train.num_workers=1", "tune.max_concurrent_trials=3"], cpus=64, gpus=1) == 3  # asked
 
 
-def test_workers_give_a_dead_data_executors_share_back_within_30_seconds(monkeypatch):
+def test_a_dead_data_executors_share_of_the_cluster_expires_after_30_seconds(monkeypatch):
     """Ray Data keeps a dead executor's share of the cluster until its request expires (180 s by default): raylm's
     processes and the workers of an embedded cluster run with 30 s, and a user's own setting wins."""
     from raylm.cluster import worker_env
