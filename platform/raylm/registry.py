@@ -64,14 +64,19 @@ class ModelVersion:
         return self.manifest.get("tokenizer_hash") or tokenizer_hash(self.path)
 
 
+def _numbered(registry: Location, name: str) -> list[Location]:
+    return [p for p in (registry / name).iterdir() if p.name.isdigit()]
+
+
 def _versions(registry: Location, name: str) -> list[int]:
-    return sorted(int(p.name) for p in (registry / name).iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+    """The complete versions: a folder is one once its manifest exists."""
+    return sorted(int(p.name) for p in _numbered(registry, name) if (p / MANIFEST).is_file())
 
 
 def _next_version(registry: Location, name: str) -> int:
     """One past every numbered folder, complete or still being written by another registration, so that two
     registrations never pick the same number (a folder a crash left without its manifest only burns a number)."""
-    return max((int(p.name) for p in (registry / name).iterdir() if p.name.isdigit()), default=0) + 1
+    return max((int(p.name) for p in _numbered(registry, name)), default=0) + 1
 
 
 def weights_hash(model_dir: Location) -> str:

@@ -23,7 +23,6 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 NonEmpty = Annotated[Text, StringConstraints(min_length=1)]
-SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}  # what torch.Generator.manual_seed accepts
 
 
 class StreamOptions(BaseModel):
@@ -50,7 +49,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, **SEED_RANGE)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed accepts
     user: str | None = None
 
     @property
