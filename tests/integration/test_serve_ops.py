@@ -67,14 +67,15 @@ def _hammer(url: str, body: dict, stop: threading.Event, results: list, path: st
             started = time.monotonic()
             try:
                 response = client.post(path, json=body)
-                results.append((response.status_code, response, time.monotonic() - started))
+                results.append((response.status_code, response, time.monotonic() - started, started))
             except httpx.HTTPError as err:
-                results.append((type(err).__name__, None, time.monotonic() - started))
+                results.append((type(err).__name__, None, time.monotonic() - started, started))
 
 
 @contextlib.contextmanager
 def under_load(url: str, body: dict, clients: int):
-    """`clients` threads posting `body` back to back while the block runs; yields their (status, response, seconds)."""
+    """`clients` threads posting `body` back to back while the block runs; yields their (status, response, seconds,
+    start time on `time.monotonic()`)."""
     stop, results = threading.Event(), []
     threads = [threading.Thread(target=_hammer, args=(url, body, stop, results)) for _ in range(clients)]
     for thread in threads:
@@ -100,13 +101,13 @@ def test_promoting_a_new_best_swaps_it_in_without_dropping_requests(ops_config):
         set_best(cfg.run.dir + "/registry", "ops", second.version, "test")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
-            r is not None and "-v2-" in r.json().get("system_fingerprint", "") for _, r, _ in results[-5:]
+            r is not None and "-v2-" in r.json().get("system_fingerprint", "") for _, r, *_ in results[-5:]
         ):
             time.sleep(0.5)
         time.sleep(1)
-    statuses = Counter(status for status, _, _ in results)
+    statuses = Counter(status for status, *_ in results)
     assert statuses == Counter({200: len(results)}), statuses
-    fingerprints = [r.json()["system_fingerprint"] for _, r, _ in results]
+    fingerprints = [r.json()["system_fingerprint"] for _, r, *_ in results]
     assert "-v1-" in fingerprints[0] and "-v2-" in fingerprints[-1]
     # Once swapped, always the new one: past the requests already in flight on the old model (one per client).
     first_new = next(i for i, f in enumerate(fingerprints) if "-v2-" in f)
@@ -155,7 +156,7 @@ def test_sixteen_clients_get_no_errors_and_the_replica_does_not_grow(ops_config)
         for _ in range(40):
             time.sleep(0.5)
             rss.append(replica.memory_info().rss)
-    statuses = Counter(status for status, _, _ in results)
+    statuses = Counter(status for status, *_ in results)
     assert statuses == Counter({200: len(results)}) and len(results) > 50, statuses
     quarter = len(rss) // 4
     first, last = sum(rss[:quarter]) / quarter, sum(rss[-quarter:]) / quarter
@@ -170,13 +171,15 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_is_replaced(ops
     body = {"prompt": "The river", "max_tokens": 24, "temperature": 0}
     with under_load(summary["url"], body, 6) as results:
         time.sleep(3)
+        killed_at = time.monotonic()
         os.kill(before[0], signal.SIGKILL)
-        killed_at = len(results)
         time.sleep(8)
-    failures = [status for status, _, _ in results if status != 200]
-    # Only requests in flight on the killed replica may fail: at most its max_ongoing_requests.
-    assert len(failures) <= 4, Counter(failures)
-    assert all(status == 200 for status, _, _ in results[killed_at + 10 :])  # the survivor carries on
+    failures = [(status, round(started - killed_at, 2)) for status, _, _, started in results if status != 200]
+    # Only requests in flight on the killed replica may fail: each was sent before the kill, and there were no more
+    # of them than the replica runs at once (max_ongoing_requests). A request sent after the kill must reach the
+    # survivor (Serve's HAProxy ingress fails this: it sends new requests to the dead replica for a moment).
+    assert len(failures) <= 4 and all(sent < 0 for _, sent in failures), failures
+    assert sum(started > killed_at for *_, started in results) >= 6  # the survivor carries on
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (len(_replica_pids()) != 2 or before[0] in _replica_pids()):
         time.sleep(1)
