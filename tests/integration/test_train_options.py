@@ -89,3 +89,22 @@ def test_the_clusters_workers_run_with_raylms_worker_variables(ray_cluster):
 
     probe = ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"))
     assert ray.get(probe.remote()) == "30"
+
+
+def test_serves_http_proxy_reaches_replicas_over_grpc_in_the_throughput_mode(ray_cluster):
+    """What Serve's proxy decides in the cluster's processes: the throughput-optimized mode without direct ingress,
+    and gRPC from the HTTP proxy to the replicas (Ray 2.60's throughput mode alone leaves it on Ray actor calls)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def serve_settings():
+        from ray.serve._private import constants
+
+        names = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_PROXY_USE_GRPC")
+        return {name: getattr(constants, name) for name in names}
+
+    assert ray.get(serve_settings.remote()) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": True,
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": False,
+        "RAY_SERVE_PROXY_USE_GRPC": True,
+    }
