@@ -204,6 +204,20 @@ def worker_env() -> dict[str, str]:
     }
 
 
+# Ray Serve's throughput-optimized mode (user code and router on the replica's main loop, buffered request logs) and
+# gRPC from the HTTP proxy to the replicas: together the no-op route costs 1.8 ms over bare uvicorn on 2 cores instead
+# of 7.6 ms (bench/serve.py). gRPC is asked for by name because Ray 2.60 derives the proxy's transport before the
+# throughput mode turns gRPC on (py-spy showed Ray actor calls on every request). Without the experimental direct
+# ingress: the HTTP proxy stays, so host, port, queue limits and timeouts mean what they say. prepare_environment
+# gives them to the processes of an embedded cluster; a `ray start` cluster needs them in that command's environment
+# (cluster.yaml's start commands carry each one: tests/unit/test_shipped_configs.py).
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+}
+
+
 def prepare_environment() -> None:
     """Environment every raylm process (and the Ray workers it starts) runs with."""
     for name, value in worker_env().items():
@@ -220,16 +234,8 @@ def prepare_environment() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray Data logs every dataset execution at INFO to the console; keep its file logs, quiet its console.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
-    # Ray Serve's throughput-optimized mode (user code and router on the replica's main loop, buffered request logs)
-    # and gRPC from the HTTP proxy to the replicas: together the no-op route costs 1.9 ms over bare uvicorn on 2
-    # cores instead of 7.6 ms (bench/serve.py). gRPC is asked for by name because Ray 2.60 derives the proxy's
-    # transport before the throughput mode turns gRPC on (py-spy showed Ray actor calls on every request). Without
-    # the experimental direct ingress: the HTTP proxy stays, so host, port, queue limits and timeouts mean what they
-    # say. This reaches the processes of an embedded cluster; a `ray start` cluster needs it in that command's
-    # environment (cluster.yaml).
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
-    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 _log_level = logging.WARNING

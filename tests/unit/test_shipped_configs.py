@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raylm.cluster import SERVE_ENV
 from raylm.config import load_config
 from tests.conftest import REPO
 
@@ -38,6 +39,8 @@ def test_cluster_yaml_is_valid_for_ray_up():
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     ray_starts = [command for command in starts if "ray start" in command]
     assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in ray_starts)
+    # Serve's settings, as raylm's own clusters run (cluster.SERVE_ENV), on every node.
+    assert all(f"{name}={value}" in command for name, value in SERVE_ENV.items() for command in ray_starts)
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     # The dashboard and Jobs API stay on the head's loopback; nothing binds every interface.
     assert "--dashboard-host=127.0.0.1" in cluster["head_start_ray_commands"][-1] and "0.0.0.0" not in text
