@@ -204,6 +204,27 @@ def worker_env() -> dict[str, str]:
     }
 
 
+TRAIN_RESERVATION_PREFIX = "train-"
+
+
+def release_train_reservation(run_id: str) -> None:
+    """Give back the CPUs a Ray Train run reserved with Ray Data's coordinator, once the run is gone.
+
+    Ray 2.60's Train controller reserves its worker group's resources there (high priority, a fixed 180 s expiry,
+    renewed every 20 s) and cancels the reservation only when it shuts down cleanly. A Tune trial that is stopped
+    (ASHA, or its budget) is ended with its actor, the controller dies with it, and on a small cluster the next
+    trial's Ray Data stream gets no CPU until the reservation expires: measured on 2 cores, trials after a stopped
+    one trained at 2,300-4,300 tokens/s for their first minute instead of ~10,000. Cancelling a run that already
+    ended cleanly, or twice, does nothing. Fire and forget: the reservation is only a share, and expires anyway."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:
+        return  # no coordinator, so nothing reserved
+    coordinator.cancel_request.remote(requester_id=TRAIN_RESERVATION_PREFIX + run_id)
+
+
 # Ray Serve's throughput-optimized mode (user code and router on the replica's main loop, buffered request logs) and
 # gRPC from the HTTP proxy to the replicas: together the no-op route costs 1.8 ms over bare uvicorn on 2 cores instead
 # of 7.6 ms (bench/serve.py). gRPC is asked for by name because Ray 2.60 derives the proxy's transport before the

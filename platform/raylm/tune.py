@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
+from raylm.cluster import (
+    ResourcePlan,
+    check_placeable,
+    check_run_dir_shared,
+    release_train_reservation,
+    start_data_stats_actor,
+)
 from raylm.config import Config, ConfigError, validate_config
 from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
@@ -101,15 +108,57 @@ def train_driver_per_trial(
 ) -> None:
     """Runs inside a Tune trial: one `TorchTrainer` for this trial's config."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(base, params, budget)
     trial_id = tune.get_context().get_trial_id()
     storage = RunPaths.of(cfg).tune / "trials"
     trainer = build_trainer(
-        cfg, Location.parse(data_dir), storage, trial_id, cpus_per_worker, callbacks=[TuneReportCallback()]
+        cfg, Location.parse(data_dir), storage, trial_id, cpus_per_worker, callbacks=[ReportWithTrainRunId()]
     )
     trainer.fit()
+
+
+TRAIN_RUN_ID = "train_run_id"
+
+
+class ReportWithTrainRunId(TuneReportCallback):
+    """Tune's report callback (rank 0's metrics and the checkpoint path to the trial), plus the id of the trial's
+    Train run: the sweep's driver needs it to give back the run's reservation when Tune stops the trial."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        first = {**metrics[0], TRAIN_RUN_ID: run_context.run_id}
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+class ReleaseEndedTrials(Callback):
+    """Gives back each ended trial's Train reservation (`cluster.release_train_reservation`): at once, and again
+    once the dead controller's renewal interval (20 s) has passed, in case it renewed while it was being stopped."""
+
+    AGAIN_AFTER_S = 25.0
+
+    def __init__(self) -> None:
+        self.again_at: dict[str, float] = {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = (trial.last_result or {}).get(TRAIN_RUN_ID)
+        if run_id:
+            release_train_reservation(run_id)
+            self.again_at[run_id] = time.monotonic() + self.AGAIN_AFTER_S
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        for run_id, at in list(self.again_at.items()):
+            if at <= now:
+                release_train_reservation(run_id)
+                del self.again_at[run_id]
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for run_id in self.again_at:
+            release_train_reservation(run_id)
+        self.again_at.clear()
 
 
 def build_scheduler(cfg: Config, budget: Budget):
@@ -190,7 +239,9 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     with progress("tune", total=_expected_trials(cfg)) as update:
         SweepProgress.active = update
         try:
-            grid, stopped_by_signal = fit_noting_interrupt(build_tuner(cfg, plan, budget, restore, [SweepProgress()]))
+            grid, stopped_by_signal = fit_noting_interrupt(
+                build_tuner(cfg, plan, budget, restore, [SweepProgress(), ReleaseEndedTrials()])
+            )
         finally:
             SweepProgress.active = None
     if stopped_by_signal or len(grid) < _expected_trials(cfg):

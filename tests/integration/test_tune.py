@@ -50,6 +50,15 @@ def alive_training_actors():
     return actors, groups
 
 
+def train_reservations():
+    """The Ray Train runs holding a reservation with Ray Data's coordinator (its private state: no API lists it)."""
+    import ray
+
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    held = ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
+    return [requester for requester in held if requester.startswith("train-")]
+
+
 def test_asha_stops_the_weak_survives_a_diverging_trial_and_registers_the_best(prepared, capsys):
     base, _ = prepared
     cfg = sweep_config(
@@ -82,6 +91,8 @@ def test_asha_stops_the_weak_survives_a_diverging_trial_and_registers_the_best(p
     # Stopped and errored trials gave their workers and placement groups back.
     actors, groups = alive_training_actors()
     assert actors == [] and groups == []
+    # ...and their Train runs' CPU reservations (Ray's controller would keep a stopped trial's for 180 s).
+    assert train_reservations() == []
 
     # The results: a table on the console, CSV, JSON (with each trial's validation curve) and a plot.
     tune_dir = RunPaths.of(cfg).tune.local
