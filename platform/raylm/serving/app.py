@@ -1,11 +1,12 @@
 """The Ray Serve deployment: a FastAPI ingress with OpenAI-compatible routes over one model, batched with
 `@serve.batch`.
 
-Every request, streamed or not, goes through one batched generator (`LMServer.generate`): `@serve.batch` gathers
-the requests that arrive within `batch_wait_timeout_s` (up to `max_batch_size`), runs one decoding step for all of
-them at a time, and hands each caller its own row's text as it grows. A streamed reply is that growth sent as
-server-sent events; a plain one is its sum. The API key, when one is set, is checked against its SHA-256: the key
-itself never enters the deployment's arguments, which Serve keeps in its config and shows on its dashboard.
+Every request, streamed or not, goes through `LMServer.admit`: `@serve.batch` gathers the requests that arrive
+within `batch_wait_timeout_s` (up to `max_batch_size`) and hands them to the replica's decoding thread
+(`serving.engine`), which decodes all waiting requests together, one step at a time, and hands each caller its own
+row's text as it grows. A streamed reply is that growth sent as server-sent events; a plain one is its sum. The API
+key, when one is set, is checked against its SHA-256: the key itself never enters the deployment's arguments, which
+Serve keeps in its config and shows on its dashboard.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations on the methods that
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from raylm.serving.chat import render_chat
+from raylm.serving.engine import DecodeEngine, Job
 from raylm.serving.errors import ClientError, explain, install_error_handlers
 from raylm.serving.generate import Delta, GenerationRequest, generate_steps
 from raylm.serving.schemas import (
@@ -51,16 +53,6 @@ from raylm.serving.stream import merge, sse
 logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20
-WAITING = Delta(None, "", 0)
-"""A row of a batch that mixes two models (only during a swap) whose model's turn has not come yet."""
-
-
-@dataclass
-class Job:
-    """One prompt to continue, with the model whose tokenizer encoded it."""
-
-    request: GenerationRequest
-    loaded: LoadedModel
 
 
 @dataclass
@@ -75,21 +67,10 @@ class Reply:
         self.finish_reason = delta.finish_reason or self.finish_reason
 
 
-def job_steps(jobs: list[Job]) -> Iterator[list[Delta | None]]:
-    """Decoding steps for a batch. Jobs tokenized for the same model (all of them, except during a swap) decode
-    together; a second model's jobs wait (WAITING) until the first group finishes."""
-    groups: dict[int, list[int]] = {}
-    for row, job in enumerate(jobs):
-        groups.setdefault(id(job.loaded), []).append(row)
-    done: set[int] = set()
-    for rows in groups.values():
-        loaded = jobs[rows[0]].loaded
-        for step in generate_steps(loaded.model, loaded.tokenizer, [jobs[row].request for row in rows]):
-            out: list[Delta | None] = [None if row in done else WAITING for row in range(len(jobs))]
-            for row, delta in zip(rows, step, strict=True):
-                out[row] = delta
-            yield out
-        done.update(rows)
+def decode(jobs: list[Job]) -> Iterator[list[Delta | None]]:
+    """The engine hands over jobs for one model at a time."""
+    loaded = jobs[0].loaded
+    return generate_steps(loaded.model, loaded.tokenizer, [job.request for job in jobs])
 
 
 class _Replying:
@@ -198,8 +179,9 @@ class LMServer:
         self.created = int(time.time())
         self.max_tokens_limit = max_tokens_limit
         self.api_key_sha256 = api_key_sha256
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.engine = DecodeEngine(max_batch_size, decode)
+        self.admit.set_max_batch_size(max_batch_size)
+        self.admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
         if self.source.follows_alias and reload_interval_s > 0:
             threading.Thread(target=self._follow, args=(reload_interval_s,), name="raylm-follow", daemon=True).start()
 
@@ -323,7 +305,7 @@ class LMServer:
     async def _collect(self, job: Job) -> Reply:
         reply = Reply()
         try:
-            async for delta in self.generate(job):
+            async for delta in await self.admit(job):
                 reply.add(delta)
         finally:  # timed out or disconnected: stop spending steps on it
             job.request.cancelled.set()
@@ -331,18 +313,17 @@ class LMServer:
 
     async def _stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
         try:
-            async for item in merge([self.generate(job) for job in jobs]):
+            streams = await asyncio.gather(*(self.admit(job) for job in jobs))
+            async for item in merge(streams):
                 yield item
         finally:
             for job in jobs:
                 job.request.cancelled.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        # Each step is compute-bound: run it off the event loop so health checks and new requests keep flowing.
-        steps = job_steps(jobs)
-        while (step := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if delta is None else delta for delta in step]
+    async def admit(self, jobs: list[Job]) -> list[AsyncIterator[Delta]]:
+        # Returns at once: the batch's semaphore is free for the next one while these decode (see serving.engine).
+        return self.engine.submit(jobs)
 
     # -- authentication ------------------------------------------------------------------------------------------
 
