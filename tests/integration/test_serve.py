@@ -299,7 +299,8 @@ def test_the_openai_client_streams_and_chats(server):
 
 
 def test_concurrent_requests_run_in_batches_larger_than_one(server):
-    """Serve's own batch-size histogram (Ray's Prometheus endpoint) shows batches of more than one request."""
+    """raylm's histogram of the batches the model decoded (Ray's Prometheus endpoint) shows batches of more than one
+    request."""
     summary, client, _ = server
     assert summary["metrics_url"]
     before = _batch_sizes(httpx.get(summary["metrics_url"], timeout=10).text)
@@ -322,14 +323,14 @@ def test_concurrent_requests_run_in_batches_larger_than_one(server):
 
 
 def _batch_sizes(metrics: str) -> dict[str, float]:
-    """Count of batches, and of batches of size <= 1, from Serve's `ray_serve_actual_batch_size` histogram (zeros
+    """Count of batches, and of batches of size <= 1, from the `ray_raylm_decode_batch_size` histogram (zeros
     before the first export)."""
     found: dict[str, float] = {}
     for line in metrics.splitlines():
-        if not line.startswith("ray_serve_actual_batch_size") or 'application="raylm"' not in line:
+        if not line.startswith("ray_raylm_decode_batch_size"):
             continue
         value = float(line.rsplit(" ", 1)[1])
-        if line.startswith("ray_serve_actual_batch_size_count"):
+        if line.startswith("ray_raylm_decode_batch_size_count"):
             found["count"] = found.get("count", 0) + value
         elif re.search(r'le="1(\.0)?"', line):
             found["le_1"] = found.get("le_1", 0) + value

@@ -73,6 +73,18 @@ def decode(jobs: list[Job]) -> Iterator[list[Delta | None]]:
     return generate_steps(loaded.model, loaded.tokenizer, [job.request for job in jobs])
 
 
+def decode_batch_histogram():
+    """Requests per batch the model decoded, on Ray's metrics endpoint as `ray_raylm_decode_batch_size` (Serve's own
+    `ray_serve_actual_batch_size` counts the batches its batcher hands over, which the decoding thread merges)."""
+    from ray.util.metrics import Histogram
+
+    return Histogram(
+        "raylm_decode_batch_size",
+        description="Requests per batch the model decoded.",
+        boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+    )
+
+
 class _Replying:
     """One response's identity (id, created, model, fingerprint) and its streamed chunks."""
 
@@ -179,7 +191,7 @@ class LMServer:
         self.created = int(time.time())
         self.max_tokens_limit = max_tokens_limit
         self.api_key_sha256 = api_key_sha256
-        self.engine = DecodeEngine(max_batch_size, decode)
+        self.engine = DecodeEngine(max_batch_size, decode, decode_batch_histogram().observe)
         self.admit.set_max_batch_size(max_batch_size)
         self.admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
         if self.source.follows_alias and reload_interval_s > 0:

@@ -65,11 +65,18 @@ class _Waiting:
 
 
 class DecodeEngine:
-    """`decode(jobs)` yields, after each decoding step, one entry per job: its `Delta`, or None once it finished."""
+    """`decode(jobs)` yields, after each decoding step, one entry per job: its `Delta`, or None once it finished.
+    `on_batch(size)` hears of each batch as it starts (the replica's metric)."""
 
-    def __init__(self, max_batch_size: int, decode: Callable[[list[Job]], Iterator[list[Delta | None]]]):
+    def __init__(
+        self,
+        max_batch_size: int,
+        decode: Callable[[list[Job]], Iterator[list[Delta | None]]],
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.max_batch_size = max_batch_size
         self._decode = decode
+        self._on_batch = on_batch
         self._waiting: deque[_Waiting] = deque()
         self._wake = threading.Condition()
         self.batch_sizes: Counter[int] = Counter()
@@ -89,6 +96,8 @@ class DecodeEngine:
         while True:
             batch = self._next_batch()
             self.batch_sizes[len(batch)] += 1
+            if self._on_batch:
+                self._on_batch(len(batch))
             try:
                 for step in self._decode([w.job for w in batch]):
                     for waiting, delta in zip(batch, step, strict=True):
