@@ -120,3 +120,17 @@ def test_two_models_never_share_a_batch_and_requests_nobody_waits_for_are_droppe
 
     assert asyncio.run(main()) == ("", None)
     assert seen == [["old"], ["old", "old"], ["new"]]
+
+
+def test_a_failing_metric_does_not_stop_the_decoding_thread():
+    def broken_metric(size):
+        raise RuntimeError("metrics agent gone")
+
+    async def main():
+        engine = DecodeEngine(8, real_decode, on_batch=broken_metric)
+        (stream,) = engine.submit([job("class", 3)])
+        reply = await collect(stream)
+        return engine, reply
+
+    engine, reply = asyncio.run(main())
+    assert reply[0] == alone(job("class", 3)) and engine.alive

@@ -216,9 +216,11 @@ class LMServer:
                 logger.exception("could not load the new version of %s", self.source.ref)
 
     def check_health(self) -> None:
-        """Serve's health check: the replica must still hold a model."""
+        """Serve's health check: the replica must still hold a model and decode."""
         if self.loaded is None or self.loaded.model is None:
             raise RuntimeError("no model loaded")
+        if not self.engine.alive:
+            raise RuntimeError("the decoding thread died")
 
     def _model_for(self, requested: str | None) -> LoadedModel:
         loaded = self.loaded  # one snapshot per request: a swap mid-request does not mix tokenizers

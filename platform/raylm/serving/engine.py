@@ -81,7 +81,13 @@ class DecodeEngine:
         self._wake = threading.Condition()
         self.batch_sizes: Counter[int] = Counter()
         """How many batches of each size the model ran."""
-        threading.Thread(target=self._run, name="raylm-decode", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="raylm-decode", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """False if the decoding thread died: the replica's health check fails and Serve replaces it."""
+        return self._thread.is_alive()
 
     def submit(self, jobs: list[Job]) -> list[AsyncIterator[Delta]]:
         """Queue the jobs; one stream of deltas per job. Call from the event loop the streams are read on."""
@@ -97,7 +103,10 @@ class DecodeEngine:
             batch = self._next_batch()
             self.batch_sizes[len(batch)] += 1
             if self._on_batch:
-                self._on_batch(len(batch))
+                try:
+                    self._on_batch(len(batch))
+                except Exception:  # a metric must never stop the decoding thread
+                    logger.exception("could not record the batch size")
             try:
                 for step in self._decode([w.job for w in batch]):
                     for waiting, delta in zip(batch, step, strict=True):
