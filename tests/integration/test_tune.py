@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.cluster import plan_resources
+from raylm.cluster import TRAIN_RESERVATION_PREFIX, plan_resources
 from raylm.config import load_config, validate_config
 from raylm.data.prepare import run_prepare
 from raylm.registry import resolve, run_register
@@ -56,7 +56,7 @@ def train_reservations():
 
     coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     held = ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs)))
-    return [requester for requester in held if requester.startswith("train-")]
+    return [requester for requester in held if requester.startswith(TRAIN_RESERVATION_PREFIX)]
 
 
 def test_asha_stops_the_weak_survives_a_diverging_trial_and_registers_the_best(prepared, capsys):

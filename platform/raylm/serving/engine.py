@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,7 @@ _END = object()
 
 @dataclass
 class Job:
-    """One prompt to continue, with the model whose tokenizer encoded it (`model` is compared by identity: during
+    """One prompt to continue, with the model whose tokenizer encoded it (`loaded` is compared by identity: during
     a swap the old and the new model each decode their own jobs)."""
 
     request: GenerationRequest
@@ -79,8 +79,6 @@ class DecodeEngine:
         self._on_batch = on_batch
         self._waiting: deque[_Waiting] = deque()
         self._wake = threading.Condition()
-        self.batch_sizes: Counter[int] = Counter()
-        """How many batches of each size the model ran."""
         self._thread = threading.Thread(target=self._run, name="raylm-decode", daemon=True)
         self._thread.start()
 
@@ -101,7 +99,6 @@ class DecodeEngine:
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
-            self.batch_sizes[len(batch)] += 1
             if self._on_batch:
                 try:
                     self._on_batch(len(batch))
