@@ -65,7 +65,7 @@ def plan_resources(
     workers = cfg.train.max_workers
     cores = local_cores()
     budget = cores if embedded else max(1, int((cluster_cpus or cores) - INGEST_CPUS))
-    trials = max(1, min(cfg.tune.num_samples, budget // workers))
+    trials = max(1, min(cfg.tune.trial_count, budget // workers))
     if cfg.train.gpus_per_worker and cluster_gpus is not None:
         trials = max(1, min(trials, int(cluster_gpus // (workers * cfg.train.gpus_per_worker))))
     trials = cfg.tune.max_concurrent_trials or trials

@@ -330,6 +330,11 @@ class TuneSection(_Section):
             checked[key] = {kind: values}
         return checked
 
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: `num_samples` draws of the space, each draw taking every value of each grid."""
+        return self.num_samples * math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
+
     @model_validator(mode="after")
     def _grace_within_budget(self) -> TuneSection:
         asha = self.scheduler.asha

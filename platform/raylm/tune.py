@@ -236,7 +236,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
         + (" (resuming the interrupted sweep)" if restore else "")
     )
     started = time.monotonic()
-    with progress("tune", total=_expected_trials(cfg)) as update:
+    with progress("tune", total=cfg.tune.trial_count) as update:
         SweepProgress.active = update
         try:
             grid, stopped_by_signal = fit_noting_interrupt(
@@ -244,7 +244,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
             )
         finally:
             SweepProgress.active = None
-    if stopped_by_signal or len(grid) < _expected_trials(cfg):
+    if stopped_by_signal or len(grid) < cfg.tune.trial_count:
         raise SweepInterrupted()
     rows = trial_rows(grid, list(cfg.tune.space), budget.tokens, paths.tune)
     summary = summarize(rows, list(cfg.tune.space), budget, time.monotonic() - started)
@@ -270,11 +270,6 @@ def fit_noting_interrupt(tuner):
         if tune_catches:
             signal.signal(signal.SIGINT, before)
     return grid, tune_catches and after is before
-
-
-def _expected_trials(cfg: Config) -> int:
-    grids = [len(spec["grid"]) for spec in cfg.tune.space.values() if "grid" in spec]
-    return cfg.tune.num_samples * math.prod(grids)
 
 
 def summarize(rows: list[dict[str, Any]], params: list[str], budget: Budget, seconds: float) -> dict[str, Any]:

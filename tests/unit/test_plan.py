@@ -18,6 +18,15 @@ def test_trials_fit_the_cpus_left_after_ray_data():
     )  # max: 4
 
 
+def test_a_grid_counts_every_configuration_it_runs():
+    # num_samples=1 over a 3 x 3 grid is 9 trials: 7 fit 14 CPUs at 2 workers each (not 1, the samples drawn).
+    grid = 'tune.space={"train.lr": {"grid": [1e-3, 3e-3, 1e-2]}, "train.batch_size": {"grid": [8, 16, 32]}}'
+    assert concurrent(["train.num_workers=2", "tune.num_samples=1", grid], cpus=16) == 7
+    assert concurrent(["train.num_workers=1", "tune.num_samples=1", grid], cpus=16) == 9
+    two = 'tune.space={"train.lr": {"grid": [1e-3, 3e-3]}, "train.weight_decay": {"uniform": [0.0, 0.1]}}'
+    assert concurrent(["train.num_workers=1", "tune.num_samples=3", two], cpus=64) == 6
+
+
 def test_gpu_trials_fit_the_gpus():
     gpu = ["train.gpus_per_worker=1", "tune.num_samples=8"]
     assert concurrent([*gpu, "train.num_workers=1"], cpus=64, gpus=4) == 4
