@@ -2,10 +2,10 @@
 
 Time-to-best: wall-clock from the sweep's start until a trial first reports a validation loss within 1% of that
 sweep's best. Both sweeps try the same configurations in the same order (a seeded shuffle of the learning rates),
-one trial at a time, each trial budgeted in tokens seen (a batch-size sweep gives trials different step counts),
-validating at the same cadence; ASHA (reduction factor 3, grace = budget / 9) stops the weak ones early. The two
-sweeps alternate (grid first, then ASHA first in the next repeat), each in a fresh embedded Ray on all cores, and
-the best configurations they find must agree.
+one trial at a time (`--concurrent N`: N at a time), each trial budgeted in tokens seen (a batch-size sweep gives
+trials different step counts), validating at the same cadence; ASHA (reduction factor 3, grace = budget / 9)
+stops the weak ones early. The two sweeps alternate (grid first, then ASHA first in the next repeat), each in a
+fresh embedded Ray on all cores, and the best configurations they find must agree.
 
 Also reported: `tokens_ratio`, the tokens all grid trials trained on ÷ those of ASHA's trials (the work ASHA
 saves, before each trial's fixed start-up cost); `tune_overhead`, the grid sweep's wall time ÷ (the sum of its
@@ -56,7 +56,6 @@ def sweep_overrides(
         "train.max_failures=0",
         f"tune.space={json.dumps(space)}",
         "tune.num_samples=1",
-        "tune.max_concurrent_trials=1",
         f"tune.budget_tokens={budget}",
         f"tune.eval_tokens={budget // 9}",
     ]
@@ -115,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--gpu", action="store_true", help="trials on one GPU each (train.gpus_per_worker=1)")
+    parser.add_argument("--concurrent", type=int, default=1, help="trials at a time, in both sweeps")
     parser.add_argument("--max-bytes", type=int, help="corpus size (data.max_bytes)")
     parser.add_argument("--child", choices=["grid", "asha"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -132,6 +132,7 @@ def main() -> None:
     lrs, batch_sizes, seq_len = args.lrs or lrs, args.batch_sizes or batch_sizes, args.seq_len or seq_len
     extra = ["train.gpus_per_worker=1"] if args.gpu else []
     extra += [f"data.max_bytes={args.max_bytes}"] if args.max_bytes else []
+    extra += [f"tune.max_concurrent_trials={args.concurrent}"]
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-tune-"))
     base = sweep_overrides(work, lrs, batch_sizes, budget, seq_len, extra)
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", base)
@@ -147,7 +148,7 @@ def main() -> None:
         ttb = {name: time_to_best(sweep) for name, sweep in sweeps.items()}
         ratios.append(ttb["grid"] / ttb["asha"])
         trial_seconds = [t["seconds"] for t in grid["trials"] if t["seconds"]]
-        overheads.append(grid["wall"] / sum(trial_seconds))  # concurrency 1
+        overheads.append(grid["wall"] / (sum(trial_seconds) / args.concurrent))
         trained = {name: trained_tokens(sweep) for name, sweep in sweeps.items()}
         runs.append(
             {
