@@ -331,9 +331,16 @@ class TuneSection(_Section):
         return checked
 
     @property
+    def samples(self) -> int:
+        """Draws of the space the sweep makes: `num_samples`, or one when every parameter is a grid: a second draw
+        of an all-grid space would rerun every configuration with the same `train.seed` (on CPU, the same run to the
+        last bit)."""
+        return self.num_samples if any("grid" not in spec for spec in self.space.values()) else 1
+
+    @property
     def trial_count(self) -> int:
-        """Trials the sweep runs: `num_samples` draws of the space, each draw taking every value of each grid."""
-        return self.num_samples * math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
+        """Trials the sweep runs: `samples` draws of the space, each draw taking every value of each grid."""
+        return self.samples * math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> TuneSection:

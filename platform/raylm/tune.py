@@ -200,7 +200,7 @@ def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, 
             metric="val_loss",
             mode="min",
             scheduler=build_scheduler(cfg, budget),
-            num_samples=cfg.tune.num_samples,
+            num_samples=cfg.tune.samples,
             # Sampled with train.seed: the same config draws the same trials. (With a search algorithm given,
             # Tune ignores TuneConfig.max_concurrent_trials: the generator limits concurrency itself.)
             search_alg=BasicVariantGenerator(max_concurrent=plan.concurrent_trials, random_state=cfg.train.seed),
@@ -229,8 +229,13 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
         say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")
         return read_json(paths.tune / BEST_FILE)
     restore = reusable and tune.Tuner.can_restore(str(paths.tune))
+    if cfg.tune.samples < cfg.tune.num_samples:
+        say(
+            f"tune: every parameter is a grid, so each configuration runs once (tune.num_samples="
+            f"{cfg.tune.num_samples} would rerun the same configurations with the same train.seed)"
+        )
     say(
-        f"tune: {cfg.tune.num_samples} sample(s) of {list(cfg.tune.space)} with {cfg.tune.scheduler.name}, "
+        f"tune: {cfg.tune.trial_count} trial(s) over {list(cfg.tune.space)} with {cfg.tune.scheduler.name}, "
         f"{budget.tokens:,} tokens per trial, {plan.concurrent_trials} at a time, "
         f"{cfg.train.workers_label} worker(s) x {plan.trial_cpus_per_worker} CPU each"
         + (" (resuming the interrupted sweep)" if restore else "")

@@ -58,6 +58,8 @@ def test_pipeline_with_a_sweep_gates_and_serves_the_best_and_skips_what_is_done(
 
     assert [key for key in summary if key != "stage"] == ["prepare", "tune", "register", "serve", "completion"]
     assert summary["tune"]["best_config"] == {"train.lr": 3e-3} and summary["tune"]["step"] == 6
+    # An all-grid space runs each configuration once, though the config asks for 4 samples.
+    assert cfg.tune.num_samples == 4 and sorted(t["train.lr"] for t in summary["tune"]["trials"]) == [1e-5, 3e-3]
     registered = summary["register"]
     assert registered["source"] == "tune" and registered["promoted"] and registered["best"] == "swept:1"
     assert summary["serve"]["version"] == 1 and summary["completion"]["usage"]["completion_tokens"] <= 3

@@ -123,18 +123,16 @@ def test_asha_stops_the_weak_survives_a_diverging_trial_and_registers_the_best(p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signal_name, exit_code):
-    """Ctrl-C (or SIGTERM: `ray job stop`) `raylm tune` while its second trial is training; the same command again
-    does not rerun the finished trial, resumes the interrupted one from its checkpoint, and runs the one not yet
-    started."""
+def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path):
+    """Ctrl-C `raylm tune` while its second trial is training, then SIGTERM (what `ray job stop` sends) the same
+    command run again while its third is; each time the same command again does not rerun a finished trial, resumes
+    the interrupted one from its checkpoint, and runs the ones not yet started."""
     overrides = [
-        *tiny_overrides(tmp_path, name=f"resumed-{signal_name}"),
+        *tiny_overrides(tmp_path, name="resumed"),
         "train.max_failures=0",
         f"tune.budget_tokens={BUDGET}",
         f"tune.eval_tokens={EVAL}",
         "tune.max_concurrent_trials=1",
-        "tune.num_samples=1",
         "tune.scheduler=grid",
         'tune.space={"train.lr": {"grid": [3e-3, 2e-3, 1e-3]}}',
     ]
@@ -142,9 +140,40 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signa
     run_prepare(cfg)
     trials_dir = RunPaths.of(cfg).tune.local / "trials"
 
-    def second_trial_checkpointed() -> bool:
+    _interrupt_sweep(overrides, trials_dir, trial=1, signal_name="SIGINT", exit_code=130)
+    first, second = sorted(trials_dir.glob("*"))[:2]
+    first_checkpoints = {p.name: p.stat().st_mtime for p in first.glob("checkpoint_*")}
+    second_steps_before = [r["step"] for r in _metric_lines(second)]
+
+    _interrupt_sweep(overrides, trials_dir, trial=2, signal_name="SIGTERM", exit_code=143)
+    third = sorted(trials_dir.glob("*"))[2]
+    third_steps_before = [r["step"] for r in _metric_lines(third)]
+
+    ctrl_c_handler = signal.getsignal(signal.SIGINT)
+    summary = run_tune(cfg, plan_resources(cfg, embedded=True))
+
+    # Tune's own Ctrl-C handler is gone once the sweep is over (else Ctrl-C in a later stage would do nothing).
+    assert signal.getsignal(signal.SIGINT) is ctrl_c_handler
+    assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
+    assert summary["best_config"]["train.lr"] in (3e-3, 2e-3, 1e-3)
+    # The finished trial was not trained again.
+    assert {p.name: p.stat().st_mtime for p in first.glob("checkpoint_*")} == first_checkpoints
+    # Each interrupted one went on from its last checkpoint, not from step 1, and its whole curve is in the results.
+    curves = {t["trial_id"]: t["curve"] for t in json.loads((trials_dir.parent / "results.json").read_text())["trials"]}
+    for trial, steps_before in ((second, second_steps_before), (third, third_steps_before)):
+        assert [p["tokens_seen"] for p in curves[trial.name]] == [EVAL, 2 * EVAL, BUDGET]
+        steps = [r["step"] for r in _metric_lines(trial)]
+        restart = len(steps_before)
+        assert steps[:restart] == steps_before and steps[restart] > 1 and steps[-1] == 12, trial.name
+
+
+def _interrupt_sweep(overrides: list[str], trials_dir: Path, trial: int, signal_name: str, exit_code: int) -> None:
+    """`raylm tune` in a process of its own, sent `signal_name` once trial number `trial` (from 0) has checkpointed;
+    it must exit with `exit_code`, say how to resume, and leave no result behind."""
+
+    def checkpointed() -> bool:
         started = sorted(trials_dir.glob("*")) if trials_dir.is_dir() else []
-        return len(started) >= 2 and any(started[1].glob("checkpoint_*"))
+        return len(started) > trial and any(started[trial].glob("checkpoint_*"))
 
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}
     process = subprocess.Popen(
@@ -157,10 +186,10 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signa
     )
     try:
         deadline = time.monotonic() + 240
-        while not second_trial_checkpointed() and time.monotonic() < deadline and process.poll() is None:
+        while not checkpointed() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.5)
-        if not second_trial_checkpointed():
-            pytest.fail(f"the second trial never checkpointed: {process.stderr.read().decode()[-3000:]}")
+        if not checkpointed():
+            pytest.fail(f"trial {trial} never checkpointed: {process.stderr.read().decode()[-3000:]}")
         process.send_signal(getattr(signal, signal_name))
         code = process.wait(timeout=90)
     finally:
@@ -169,26 +198,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path, signa
     stderr = process.stderr.read().decode()
     assert code == exit_code, stderr[-3000:]
     assert "run the same command again to resume" in stderr
-    assert not (RunPaths.of(cfg).tune.local / "best.json").exists()
-    first, second = sorted(trials_dir.glob("*"))[:2]
-    first_checkpoints = {p.name: p.stat().st_mtime for p in first.glob("checkpoint_*")}
-    second_steps_before = [r["step"] for r in _metric_lines(second)]
-
-    ctrl_c_handler = signal.getsignal(signal.SIGINT)
-    summary = run_tune(cfg, plan_resources(cfg, embedded=True))
-
-    # Tune's own Ctrl-C handler is gone once the sweep is over (else Ctrl-C in a later stage would do nothing).
-    assert signal.getsignal(signal.SIGINT) is ctrl_c_handler
-    assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
-    assert summary["best_config"]["train.lr"] in (3e-3, 2e-3, 1e-3)
-    # The finished trial was not trained again.
-    assert {p.name: p.stat().st_mtime for p in first.glob("checkpoint_*")} == first_checkpoints
-    # The interrupted one went on from its last checkpoint, not from step 1, and its whole curve is in the results.
-    curves = {t["trial_id"]: t["curve"] for t in json.loads((trials_dir.parent / "results.json").read_text())["trials"]}
-    assert [p["tokens_seen"] for p in curves[second.name]] == [EVAL, 2 * EVAL, BUDGET]
-    steps = [r["step"] for r in _metric_lines(second)]
-    restart = len(second_steps_before)
-    assert steps[:restart] == second_steps_before and steps[restart] > 1 and steps[-1] == 12
+    assert not (trials_dir.parent / "best.json").exists()
 
 
 def _metric_lines(trial_dir: Path) -> list[dict]:

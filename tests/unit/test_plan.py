@@ -27,6 +27,18 @@ def test_a_grid_counts_every_configuration_it_runs():
     assert concurrent(["train.num_workers=1", "tune.num_samples=3", two], cpus=64) == 6
 
 
+def test_an_all_grid_space_runs_each_configuration_once():
+    # A second draw of an all-grid space would rerun every configuration with the same seed: one draw, 4 trials.
+    grid = 'tune.space={"train.lr": {"grid": [1e-3, 3e-3]}, "train.batch_size": {"grid": [8, 16]}}'
+    tune = load_config(None, ["tune.num_samples=4", grid]).tune
+    assert (tune.samples, tune.trial_count) == (1, 4)
+    assert concurrent(["train.num_workers=1", "tune.num_samples=4", grid], cpus=64) == 4
+    # One parameter drawn at random and each draw differs: 4 draws, each over the whole grid.
+    mixed = 'tune.space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"grid": [8, 16]}}'
+    tune = load_config(None, ["tune.num_samples=4", mixed]).tune
+    assert (tune.samples, tune.trial_count) == (4, 8)
+
+
 def test_gpu_trials_fit_the_gpus():
     gpu = ["train.gpus_per_worker=1", "tune.num_samples=8"]
     assert concurrent([*gpu, "train.num_workers=1"], cpus=64, gpus=4) == 4
