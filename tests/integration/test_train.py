@@ -69,10 +69,36 @@ def test_two_workers_loss_falls_and_checkpoint_loads(prepared):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path, signal_name, exit_code):
-    """Ctrl-C (or SIGTERM, what `ray job stop` sends) a `raylm train` process after its first checkpoint; it stops
-    cleanly, and the same command again finishes the run."""
+def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    """Ctrl-C a `raylm train` process after its first checkpoint, then SIGTERM (what `ray job stop` sends) the same
+    command run again after its next one; each time it stops cleanly, and the same command again finishes the run."""
+    from raylm.config import load_config
+
+    cfg, _ = prepared
+    overrides = [*tiny_overrides(tmp_path, name="interrupted"), "train.max_steps=20", "train.eval_every=5"]
+    resumed_cfg = load_config(None, overrides)
+    run_prepare(resumed_cfg)
+    train_dir = RunPaths.of(resumed_cfg).train
+
+    stderr = _interrupt_training(overrides, train_dir, "SIGINT", 130)
+    # The driver's progress line, fed by rank 0: steps, losses, throughput, time left; then how to go on.
+    assert re.search(r"train .*\d+/20 .*loss \d+\.\d+ .*val \d+\.\d+ \(ppl .*tok/s.*eta", stderr), stderr
+    stderr = _interrupt_training(overrides, train_dir, "SIGTERM", 143)
+    assert "(resuming from the last checkpoint)" in stderr, stderr[-3000:]
+
+    summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
+    assert summary["resumed"] is True
+    assert summary["step"] == 20
+    # No block skipped, none trained on twice: the twice resumed run's ledger is the uninterrupted one's.
+    data_dir = str(RunPaths.of(resumed_cfg).data)
+    expected = expected_ledger(data_dir, resumed_cfg.train.seed, resumed_cfg.train.batch_size, 1, 0, 20)
+    assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected.state()]
+    assert summary["tokens_seen"] == 20 * cfg.train.batch_size * cfg.data.seq_len
+
+
+def _interrupt_training(overrides: list[str], train_dir, signal_name: str, exit_code: int) -> str:
+    """`raylm train` in a process of its own, sent `signal_name` once it has written a checkpoint (a new one, when
+    resumed); it must exit with `exit_code`, say how to resume and leave no result. Returns what it printed."""
     import os
     import signal
     import subprocess
@@ -80,14 +106,13 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path, si
     import tempfile
     import time
 
-    from raylm.config import load_config
-    from tests.conftest import REPO, tiny_overrides
+    from tests.conftest import REPO
 
-    cfg, _ = prepared
-    overrides = [*tiny_overrides(tmp_path, name="interrupted"), "train.max_steps=20", "train.eval_every=5"]
-    resumed_cfg = load_config(None, overrides)
-    run_prepare(resumed_cfg)
-    train_dir = RunPaths.of(resumed_cfg).train
+    before = {path.name for path in train_dir.glob("checkpoint_*")}
+
+    def checkpointed() -> bool:
+        return bool({path.name for path in train_dir.glob("checkpoint_*")} - before)
+
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}
     process = subprocess.Popen(
         [sys.executable, "-m", "raylm.cli", "train", *overrides],
@@ -99,29 +124,19 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path, si
     )
     try:
         deadline = time.monotonic() + 180
-        while not any(train_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
+        while not checkpointed() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.5)
-        if not any(train_dir.glob("checkpoint_*")):
-            pytest.fail(f"no checkpoint appeared: {process.stderr.read().decode() if process.poll() else 'timeout'}")
+        if not checkpointed():
+            pytest.fail(f"no new checkpoint appeared: {process.stderr.read().decode()[-3000:]}")
         process.send_signal(getattr(signal, signal_name))
         assert process.wait(timeout=60) == exit_code
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert not (train_dir / "result.json").exists()
-    # The driver's progress line, fed by rank 0: steps, losses, throughput, time left; then how to go on.
     stderr = process.stderr.read().decode()
-    assert re.search(r"train .*\d+/20 .*loss \d+\.\d+ .*val \d+\.\d+ \(ppl .*tok/s.*eta", stderr), stderr
     assert "run the same command again to resume" in stderr
-
-    summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
-    assert summary["resumed"] is True
-    assert summary["step"] == 20
-    # No block skipped, none trained on twice: the resumed run's ledger is the uninterrupted one's.
-    data_dir = str(RunPaths.of(resumed_cfg).data)
-    expected = expected_ledger(data_dir, resumed_cfg.train.seed, resumed_cfg.train.batch_size, 1, 0, 20)
-    assert read_checkpoint_manifest(summary["checkpoint"])["ledgers"] == [expected.state()]
-    assert summary["tokens_seen"] == 20 * cfg.train.batch_size * cfg.data.seq_len
+    return stderr
 
 
 @pytest.mark.slow
