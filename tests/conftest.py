@@ -11,7 +11,11 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,6 +66,35 @@ def tiny_overrides(run_dir: Path, name: str = "t") -> list[str]:
         "train.max_steps=12",
         "train.eval_every=6",
     ]
+
+
+def interrupt_cli(args: list[str], ready: Callable[[], bool], signal_name: str, exit_code: int) -> str:
+    """`raylm <args>` in a process of its own (with its own embedded Ray), sent `signal_name` once `ready()`; it must
+    exit with `exit_code` and say how to go on. Returns what it printed on stderr."""
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}  # short: Ray's socket paths
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        if not ready():
+            pytest.fail(f"raylm {args[0]} never got ready to interrupt: {process.stderr.read().decode()[-3000:]}")
+        process.send_signal(getattr(signal, signal_name))
+        code = process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = process.stderr.read().decode()
+    assert code == exit_code, stderr[-3000:]
+    assert "run the same command again to resume" in stderr
+    return stderr
 
 
 def register_untrained_model(cfg, data: dict, name: str, seed: int = 0):

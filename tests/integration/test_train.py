@@ -14,7 +14,7 @@ from raylm.train.checkpoint import read_checkpoint_manifest
 from raylm.train.ingest import expected_ledger
 from raylm.train.observe import read_metrics
 from raylm.train.trainer import run_train
-from tests.conftest import tiny_overrides
+from tests.conftest import interrupt_cli, tiny_overrides
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -97,45 +97,15 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
 
 
 def _interrupt_training(overrides: list[str], train_dir, signal_name: str, exit_code: int) -> str:
-    """`raylm train` in a process of its own, sent `signal_name` once it has written a checkpoint (a new one, when
-    resumed); it must exit with `exit_code`, say how to resume and leave no result. Returns what it printed."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    from tests.conftest import REPO
-
+    """`raylm train`, sent `signal_name` once it has written a checkpoint (a new one, when resumed); no result is
+    left. Returns what it printed."""
     before = {path.name for path in train_dir.glob("checkpoint_*")}
 
     def checkpointed() -> bool:
         return bool({path.name for path in train_dir.glob("checkpoint_*")} - before)
 
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "raylm.cli", "train", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not checkpointed() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.5)
-        if not checkpointed():
-            pytest.fail(f"no new checkpoint appeared: {process.stderr.read().decode()[-3000:]}")
-        process.send_signal(getattr(signal, signal_name))
-        assert process.wait(timeout=60) == exit_code
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stderr = interrupt_cli(["train", *overrides], checkpointed, signal_name, exit_code)
     assert not (train_dir / "result.json").exists()
-    stderr = process.stderr.read().decode()
-    assert "run the same command again to resume" in stderr
     return stderr
 
 

@@ -4,12 +4,7 @@ a diverging trial errors without sinking the sweep, an interrupted sweep resumes
 import csv
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +16,7 @@ from raylm.registry import resolve, run_register
 from raylm.runs import RunPaths
 from raylm.train.observe import read_metrics
 from raylm.tune import run_tune
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import interrupt_cli, tiny_overrides
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -168,36 +163,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(prepared, tmp_path):
 
 
 def _interrupt_sweep(overrides: list[str], trials_dir: Path, trial: int, signal_name: str, exit_code: int) -> None:
-    """`raylm tune` in a process of its own, sent `signal_name` once trial number `trial` (from 0) has checkpointed;
-    it must exit with `exit_code`, say how to resume, and leave no result behind."""
+    """`raylm tune`, sent `signal_name` once trial number `trial` (from 0) has checkpointed; no result is left."""
 
     def checkpointed() -> bool:
         started = sorted(trials_dir.glob("*")) if trials_dir.is_dir() else []
         return len(started) > trial and any(started[trial].glob("checkpoint_*"))
 
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "raylm.cli", "tune", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpointed() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.5)
-        if not checkpointed():
-            pytest.fail(f"trial {trial} never checkpointed: {process.stderr.read().decode()[-3000:]}")
-        process.send_signal(getattr(signal, signal_name))
-        code = process.wait(timeout=90)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    stderr = process.stderr.read().decode()
-    assert code == exit_code, stderr[-3000:]
-    assert "run the same command again to resume" in stderr
+    interrupt_cli(["tune", *overrides], checkpointed, signal_name, exit_code)
     assert not (trials_dir.parent / "best.json").exists()
 
 
