@@ -30,6 +30,11 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("RAYLM_API_KEY", None)
+# The S3 tests' server (moto, started by the tests) takes any credentials; set before Ray starts, so that its workers
+# (a Serve replica reading the registry) have them too, as a cluster's nodes have theirs in their environment.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "raylm-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raylm-test")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 # MLflow tests log to a file store (no tracking server here); MLflow 3 wants this opt-in for it.
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
@@ -97,9 +102,9 @@ def interrupt_cli(args: list[str], ready: Callable[[], bool], signal_name: str, 
     return stderr
 
 
-def register_untrained_model(cfg, data: dict, name: str, seed: int = 0):
+def register_untrained_model(cfg, data: dict, name: str, seed: int = 0, chat_template: str | None = None):
     """Register a model made the way training makes its checkpoints, without a Ray Train run (fast). The same seed
-    makes the same weights, which the registry keeps as one version."""
+    makes the same weights, which the registry keeps as one version. `chat_template` is saved with its tokenizer."""
     import torch
 
     from raylm.models import build_model
@@ -113,6 +118,13 @@ def register_untrained_model(cfg, data: dict, name: str, seed: int = 0):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     checkpoint = Path(tempfile.mkdtemp(prefix="raylm-ckpt-"))
     tokenizer_dir = Path(data["data_dir"]) / "tokenizer"
+    if chat_template is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.chat_template = chat_template
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="raylm-tokenizer-"))
+        tokenizer.save_pretrained(tokenizer_dir)
     save_checkpoint(checkpoint, model, tokenizer_dir, optimizer, scheduler, {"step": 0, "tokens_seen": 0}, {})
     return register(RunPaths.of(cfg).registry, name, checkpoint, {})[0]
 

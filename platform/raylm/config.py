@@ -406,7 +406,8 @@ class ServeSection(_Section):
     """Requests waiting for a replica beyond those; more are refused at once with 503 and Retry-After."""
     retry_after_s: float = Field(1, ge=0)
     request_timeout_s: float = Field(60, gt=0)
-    """A request not answered within this many seconds gets 408 (Serve's `http_options.request_timeout_s`)."""
+    """A request not answered within this many seconds gets 408: Serve's `http_options.request_timeout_s`, and the
+    replica's own deadline (a little earlier, with an OpenAI error object; it may be shorter than the proxy's)."""
     health_check_period_s: float = Field(10, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
     """On shutdown or scale-down, requests in flight get this long to finish."""
@@ -416,6 +417,9 @@ class ServeSection(_Section):
     """How often a replica serving an alias checks it for a new version (0: never)."""
     api_key_file: str | None = None
     """A file holding the API key; `RAYLM_API_KEY` in the environment wins. Never the key itself."""
+    token_budget: int | None = Field(None, ge=1)
+    """Tokens (each prompt plus its max_tokens) a replica admits at once; a request that would pass it gets 503 with
+    Retry-After, unless the replica is idle. Default: max_ongoing_requests x the model's context."""
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeSection:

@@ -255,6 +255,78 @@ def test_serve_deploy_of_the_shipped_config_on_the_head(head, serve_port, tmp_pa
     assert shutdown.returncode == 0, shutdown.stderr[-3000:]
 
 
+def _app_status(head: Head, timeout: float = 180) -> dict:
+    """raylm's application as `serve status` reports it, once it is RUNNING or DEPLOY_FAILED."""
+    import yaml
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = head.run(str(BIN / "serve"), "status", "--address", head.dashboard, RAY_AUTH_MODE="token")
+        assert status.returncode == 0, status.stderr[-3000:]
+        app = (yaml.safe_load(status.stdout).get("applications") or {}).get("raylm") or {}
+        if app.get("status") in ("RUNNING", "DEPLOY_FAILED") or time.monotonic() > deadline:
+            return app
+        time.sleep(2)
+
+
+def _deploy(head: Head, tmp_path: Path, port: int, name: str, args: dict, env_vars: dict | None = None, **env: str):
+    """`serve deploy` of the shipped config with Serve's proxy on every interface (http_options.host 0.0.0.0)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    shipped["http_options"].update({"host": "0.0.0.0", "port": port})
+    shipped["applications"][0]["args"].update({"model": "cli:latest", "run.dir": str(head.runs), **args})
+    if env_vars:
+        shipped["applications"][0]["runtime_env"] = {"env_vars": env_vars}
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    deployed = head.run(str(BIN / "serve"), "deploy", "--address", head.dashboard, str(config), **env)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    return _app_status(head)
+
+
+def test_a_public_bind_needs_a_key_on_every_serving_path(head, tmp_path):
+    """The replica checks the host Serve's proxy really binds (http_options.host, which the app's builder never
+    sees), with the key of the cluster's environment or serve.api_key_file: under `serve deploy` a key exported in the
+    deploying shell does not reach the cluster, and the app fails with the reason instead of serving without a key."""
+    port = free_port()
+    key_file = tmp_path / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    try:
+        refused = _deploy(head, tmp_path, port, "nokey", {}, RAY_AUTH_MODE="token", RAYLM_API_KEY=API_KEY)
+        assert refused.get("status") == "DEPLOY_FAILED", refused
+        assert "http_options.host=0.0.0.0 would expose the model" in json.dumps(refused), refused
+
+        served = _deploy(head, tmp_path, port, "keyfile", {"serve.api_key_file": str(key_file)}, RAY_AUTH_MODE="token")
+        assert served.get("status") == "RUNNING", served
+        url, body = f"http://127.0.0.1:{port}/v1/completions", {"prompt": "The river", "max_tokens": 2}
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        assert httpx.post(url, json=body, headers=_bearer(API_KEY), timeout=60).status_code == 200
+
+        # A key in the config's runtime_env works, and the replica warns that the dashboard shows it.
+        visible = "sk-visible-" + os.urandom(8).hex()
+        shown = _deploy(head, tmp_path, port, "envvars", {}, {"RAYLM_API_KEY": visible}, RAY_AUTH_MODE="token")
+        assert shown.get("status") == "RUNNING", shown
+        assert httpx.post(url, json=body, headers=_bearer(visible), timeout=60).status_code == 200
+        logs = head.home.parent / "ray"
+        warned = [p for p in logs.rglob("replica_raylm_*.log") if b"Ray's dashboard shows" in p.read_bytes()]
+        assert warned, "no replica log warns about the key in runtime_env env_vars"
+
+        # `serve run` builds the app here: a key exported in its shell reaches the replica (only its hash does).
+        run = [str(BIN / "serve"), "run", "--non-blocking", "--address", head.address, "--name", "raylm"]
+        app = ["serve.app:app", f"run.dir={head.runs}", "model=cli:latest"]
+        head.run(*run, *app, RAY_AUTH_MODE="token")  # Serve's `serve run` says "failed" but may still exit 0
+        failed = _app_status(head)
+        assert failed.get("status") == "DEPLOY_FAILED" and "would expose the model" in json.dumps(failed), failed
+        with_key = head.run(*run, *app, RAY_AUTH_MODE="token", RAYLM_API_KEY=API_KEY)
+        assert with_key.returncode == 0, with_key.stderr[-3000:]
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        assert httpx.post(url, json=body, headers=_bearer(API_KEY), timeout=60).status_code == 200
+    finally:
+        shutdown = head.run(str(BIN / "serve"), "shutdown", "--address", head.dashboard, "-y", RAY_AUTH_MODE="token")
+        assert shutdown.returncode == 0, shutdown.stderr[-3000:]
+
+
 def test_ray_job_submit_runs_jobs_train_py_from_the_shipped_checkout(head):
     overrides = tiny_overrides(head.runs, name="job")
     _summary(head.run(str(BIN / "raylm"), "prepare", "--address", head.address, *overrides))

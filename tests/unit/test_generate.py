@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from raylm.config import ModelSection
@@ -8,11 +9,46 @@ from raylm.serving.generate import GenerationRequest, RowText, generate_batch, g
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 30
 
 
-def _model_and_tokenizer():
+def _model_and_tokenizer(preset: str = "tiny"):
     torch.manual_seed(0)
     tokenizer = train_bpe(TEXTS, vocab_size=300)
-    model = build_model(ModelSection(), len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id).eval()
+    section = ModelSection(preset=preset)
+    model = build_model(section, len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id).eval()
     return model, tokenizer
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_a_prompt_that_fills_the_context_and_a_long_reply_decode_together_as_alone(preset):
+    """Context 64: A is 63 prompt tokens + 1 new, B is 2 prompt tokens + 62 new; each fits alone. A finished row must
+    not go on advancing its positions (GPT-2's position table has 64 rows: IndexError, the whole batch failed)."""
+    model, tokenizer = _model_and_tokenizer(preset)
+    long = tokenizer("".join(TEXTS), add_special_tokens=False)["input_ids"][:63]
+    short = tokenizer("def", add_special_tokens=False)["input_ids"][:2]
+    assert len(long) == 63 and len(short) <= 2
+
+    def requests():
+        return [GenerationRequest(long, 1, temperature=0), GenerationRequest(short, 64 - len(short), temperature=0)]
+
+    together = generate_batch(model, tokenizer, requests())
+    alone = [generate_batch(model, tokenizer, [r])[0] for r in requests()]
+    assert len(alone[1].token_ids) > 2, "B must outlive A by more than a step for the test to mean anything"
+    assert [(r.token_ids, r.finish_reason, r.error) for r in together] == [
+        (r.token_ids, r.finish_reason, None) for r in alone
+    ]
+
+
+def test_a_row_that_fails_fails_alone():
+    """A seed torch cannot take fails its own request; the other request of the batch decodes as it would alone."""
+    model, tokenizer = _model_and_tokenizer()
+    ids = tokenizer("def add(", add_special_tokens=False)["input_ids"]
+    good, bad = GenerationRequest(ids, 9, temperature=0), GenerationRequest(ids, 9, temperature=1.0, seed=2**70)
+    failed_then_good = generate_batch(model, tokenizer, [bad, good])
+    assert failed_then_good[0].finish_reason == "error" and isinstance(failed_then_good[0].error, ValueError)
+    assert failed_then_good[0].token_ids == []
+    expected = generate_batch(model, tokenizer, [GenerationRequest(ids, 9, temperature=0)])[0]
+    assert failed_then_good[1].token_ids == expected.token_ids and failed_then_good[1].error is None
+    (only,) = generate_batch(model, tokenizer, [GenerationRequest(ids, 9, temperature=1.0, seed=2**70)])
+    assert only.finish_reason == "error"
 
 
 def test_batched_greedy_equals_one_at_a_time():

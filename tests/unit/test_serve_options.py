@@ -1,29 +1,43 @@
 """The serve stage's options without Ray: bind safety, Serve's deployment options from `serve.*`, chat prompts."""
 
+import logging
+
 import pytest
 
 from raylm.config import ConfigError, load_config
 from raylm.data.tokenizer import train_bpe
+from raylm.serving.access import check_bind, replica_key_hash
 from raylm.serving.chat import DEFAULT_STOP, render_chat
 from raylm.serving.server import ServeConfigError, app_options, deployment_options, http_options, local_url
 
 
-def test_a_public_bind_needs_an_api_key(monkeypatch, tmp_path):
+def test_a_public_bind_needs_an_api_key(monkeypatch, tmp_path, caplog):
+    """The rule the replica applies on every path, to the host Serve's proxy really binds."""
     monkeypatch.delenv("RAYLM_API_KEY", raising=False)
-    public = load_config(None, ["serve.host=0.0.0.0"])
-    with pytest.raises(ServeConfigError, match=r"serve.host=0.0.0.0 would expose the model .* RAYLM_API_KEY"):
-        app_options(public, threads=1)
+    with pytest.raises(ServeConfigError, match=r"http_options.host=0.0.0.0 would expose the model .* RAYLM_API_KEY"):
+        replica_key_hash(None, None, "0.0.0.0", {})
     key_file = tmp_path / "key"
     key_file.write_text("sk-from-a-file\n")
+    from_file = replica_key_hash(None, str(key_file), "0.0.0.0", {})
     options = app_options(load_config(None, ["serve.host=0.0.0.0", f"serve.api_key_file={key_file}"]), threads=1)
-    assert options["api_key_sha256"] and "sk-from-a-file" not in str(options)  # only the hash travels
-    assert app_options(load_config(None, []), threads=1)["api_key_sha256"] is None  # loopback: no key needed
+    assert options["api_key_sha256"] == from_file and "sk-from-a-file" not in str(options)  # only the hash travels
+    assert replica_key_hash(from_file, None, "0.0.0.0", {}) == from_file  # the builder's hash, passed on
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        assert replica_key_hash(None, None, "127.0.0.1", {}) is None  # loopback: no key needed, but said loudly
+    assert "NO API KEY" in caplog.text
     # The same key from the environment with a stray newline (a .env file, a paste) is the same key: same hash.
     monkeypatch.setenv("RAYLM_API_KEY", "sk-from-a-file\n")
-    assert app_options(load_config(None, ["serve.host=0.0.0.0"]), threads=1) == options
+    assert replica_key_hash(None, None, "::", {}) == from_file
+    assert app_options(load_config(None, ["serve.host=0.0.0.0"]), threads=1)["api_key_sha256"] == from_file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        replica_key_hash(None, None, "0.0.0.0", {"RAYLM_API_KEY": "sk-from-a-file"})  # serve/config.yaml's env_vars
+    assert "serve.api_key_file" in caplog.text and "dashboard" in caplog.text and "sk-from-a-file" not in caplog.text
     monkeypatch.setenv("RAYLM_API_KEY", " \n")  # blank is no key: the public bind is still refused
     with pytest.raises(ServeConfigError):
-        app_options(public, threads=1)
+        replica_key_hash(None, None, "10.1.2.3", {})
+    with pytest.raises(ServeConfigError, match=r"serve\.host"):
+        check_bind("0.0.0.0", False, "serve.host")
 
 
 def test_serve_fields_become_serves_deployment_and_http_options():

@@ -4,67 +4,51 @@
 Every request, streamed or not, goes through `LMServer.admit`: `@serve.batch` gathers the requests that arrive
 within `batch_wait_timeout_s` (up to `max_batch_size`) and hands them to the replica's decoding thread
 (`serving.engine`), which decodes all waiting requests together, one step at a time, and hands each caller its own
-row's text as it grows. A streamed reply is that growth sent as server-sent events; a plain one is its sum. The API
-key, when one is set, is checked against its SHA-256: the key itself never enters the deployment's arguments, which
-Serve keeps in its config and shows on its dashboard.
+row's text as it grows. A streamed reply is that growth sent as server-sent events; a plain one is its sum.
+
+Before any of that a request passes the replica's own checks, cheapest first: the API key (`serving.access`), the
+body's size and shape, the context (a length bound before the tokenizer runs, the exact count after), and the token
+budget (`serving.engine.TokenBudget`: 503 with Retry-After). A reply not ready before the replica's deadline (a
+little under Serve's `request_timeout_s`) is a 408 from here, as an OpenAI error object; a stream past it ends with
+an error event. Either way its rows stop decoding.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations on the methods that
 # Serve's ingress wraps, or it takes `request` for a query parameter.
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from raylm.serving.access import authorized, replica_key_hash, runtime_env_vars, serve_http_options
+from raylm.serving.admission import check_fits, check_lengths, json_body, off_the_loop, parse, replica_deadline
 from raylm.serving.chat import render_chat
-from raylm.serving.engine import DecodeEngine, Job
-from raylm.serving.errors import ClientError, explain, install_error_handlers
+from raylm.serving.engine import DecodeEngine, Job, TokenBudget
+from raylm.serving.errors import ClientError, install_error_handlers
 from raylm.serving.generate import Delta, GenerationRequest, generate_steps
+from raylm.serving.replies import Reply, Response, usage_of
 from raylm.serving.schemas import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     SamplingFields,
-    Usage,
 )
 from raylm.serving.source import LoadedModel, ModelSource, load_model, resolve_source
 from raylm.serving.stream import merge, sse
 
 logger = logging.getLogger("ray.serve")
-
-MAX_BODY_BYTES = 1 << 20
-
-
-@dataclass
-class Reply:
-    text: str = ""
-    tokens: int = 0
-    finish_reason: str = "length"
-
-    def add(self, delta: Delta) -> None:
-        self.text += delta.text
-        self.tokens = max(self.tokens, delta.tokens)
-        self.finish_reason = delta.finish_reason or self.finish_reason
 
 
 def decode(jobs: list[Job]) -> Iterator[list[Delta | None]]:
@@ -85,82 +69,11 @@ def decode_batch_histogram():
     )
 
 
-class _Replying:
-    """One response's identity (id, created, model, fingerprint) and its streamed chunks."""
-
-    def __init__(self, params: SamplingFields, loaded: LoadedModel, prefix: str, prompt_tokens: int):
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = params.model or loaded.resolved.name
-        self.fingerprint = loaded.resolved.fingerprint
-        self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        self.prompt_tokens = prompt_tokens
-
-    def _identity(self) -> dict[str, Any]:
-        return {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
-
-    async def completion_chunks(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[BaseModel]:
-        tokens: dict[int, int] = {}
-        async for index, delta in deltas:
-            tokens[index] = delta.tokens
-            if delta.text or delta.finish_reason:
-                choice = CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)
-                yield CompletionResponse(**self._identity(), choices=[choice])
-        if self.include_usage:
-            yield CompletionResponse(**self._identity(), choices=[], usage=self.usage(sum(tokens.values())))
-
-    async def chat_chunks(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[BaseModel]:
-        yield ChatCompletionChunk(
-            **self._identity(), choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))]
-        )
-        tokens = 0
-        async for _, delta in deltas:
-            tokens = delta.tokens
-            if delta.text or delta.finish_reason:
-                choice = ChatChunkChoice(
-                    index=0, delta=ChatDelta(content=delta.text or None), finish_reason=delta.finish_reason
-                )
-                yield ChatCompletionChunk(**self._identity(), choices=[choice])
-        if self.include_usage:
-            yield ChatCompletionChunk(**self._identity(), choices=[], usage=self.usage(tokens))
-
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=self.prompt_tokens + completion_tokens,
-        )
-
-
-def _usage(jobs: list[Job], replies: list[Reply]) -> Usage:
-    prompt = sum(len(job.request.prompt_ids) for job in jobs)
-    completion = sum(reply.tokens for reply in replies)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _parse(kind: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise ClientError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return kind.model_validate(body)
-    except ValidationError as err:
-        raise explain(err, body) from None
-
-
-async def _json_body(request: Request) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
-        raise ClientError(413, f"request body of {declared} bytes is over the {MAX_BODY_BYTES}-byte limit")
-    raw, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked upload declares no length
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ClientError(413, f"request body is over the {MAX_BODY_BYTES}-byte limit")
-        raw.append(chunk)
-    try:
-        return json.loads(b"".join(raw))
-    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer of 5000 digits, "[" nested 100k deep
-        raise ClientError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+async def _summed(deltas: AsyncIterator[Delta]) -> Reply:
+    reply = Reply()
+    async for delta in deltas:
+        reply.add(delta)
+    return reply
 
 
 # Everything the routes call is defined above the class: `@serve.ingress` pickles the FastAPI app when the class is
@@ -182,15 +95,25 @@ class LMServer:
         batch_wait_timeout_s: float = 0.01,
         max_tokens_limit: int = 512,
         api_key_sha256: str | None = None,
+        api_key_file: str | None = None,
         quantize: str | None = None,
         reload_interval_s: float = 5.0,
+        request_timeout_s: float | None = None,
+        token_budget: int | None = None,
+        retry_after_s: float = 1.0,
+        max_ongoing_requests: int = 16,
     ):
+        http = serve_http_options()
+        # First, before a model is loaded: a replica that would serve beyond loopback without a key never starts.
+        self.api_key_sha256 = replica_key_hash(api_key_sha256, api_key_file, http.host, runtime_env_vars())
+        self.deadline_s = replica_deadline(request_timeout_s, http.request_timeout_s)
         self.source = ModelSource(**source)
         self.threads, self.quantize = threads, quantize
         self.loaded = load_model(resolve_source(self.source), threads, quantize)
         self.created = int(time.time())
         self.max_tokens_limit = max_tokens_limit
-        self.api_key_sha256 = api_key_sha256
+        self.budget = TokenBudget(token_budget or max_ongoing_requests * self.loaded.context)
+        self.retry_after_s = retry_after_s
         self.engine = DecodeEngine(max_batch_size, decode, decode_batch_histogram().observe)
         self.admit.set_max_batch_size(max_batch_size)
         self.admit.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -244,47 +167,53 @@ class LMServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
+        started = time.monotonic()
         self._authorize(request)
-        params = _parse(CompletionRequest, await _json_body(request))
+        params = parse(CompletionRequest, await json_body(request))
         loaded = self._model_for(params.model)
-        prompts = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in params.prompts]
+        texts = params.prompts
+        for index, text in enumerate(texts):
+            what = "prompt" if isinstance(params.prompt, str) else f"prompt {index}"
+            check_fits(text, loaded, params.max_tokens, what, "max_tokens")
+        size = sum(len(text) for text in texts)
+        prompts = await off_the_loop(lambda: loaded.tokenizer(texts, add_special_tokens=False)["input_ids"], size)
         jobs = [self._job(loaded, ids, params.max_tokens, params, params.stop_strings, "prompt") for ids in prompts]
-        reply = _Replying(params, loaded, "cmpl", sum(len(ids) for ids in prompts))
+        response = self._response(params, loaded, "cmpl", sum(len(ids) for ids in prompts))
         if params.stream:
-            return sse(reply.completion_chunks(self._stream(jobs)))
-        replies = await asyncio.gather(*(self._collect(job) for job in jobs))
+            return sse(response.completion_chunks(await self._stream(jobs)), self._deadline_at(started))
+        replies = await self._replies(jobs, started)
         return CompletionResponse(
-            id=reply.id,
-            model=reply.model,
-            system_fingerprint=reply.fingerprint,
+            **response.identity(),
             choices=[
                 CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(replies)
             ],
-            usage=_usage(jobs, replies),
+            usage=usage_of(response.prompt_tokens, replies),
         ).model_dump()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
+        started = time.monotonic()
         self._authorize(request)
-        params = _parse(ChatCompletionRequest, await _json_body(request))
+        params = parse(ChatCompletionRequest, await json_body(request))
         loaded = self._model_for(params.model)
-        text, template_stops = render_chat(loaded.tokenizer, [(m.role, m.text) for m in params.messages])
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        messages = [(m.role, m.text) for m in params.messages]
+        size = sum(len(text) for _, text in messages)
+        text, template_stops = await off_the_loop(lambda: render_chat(loaded.tokenizer, messages), size)
         param = "max_completion_tokens" if params.max_completion_tokens else "max_tokens"
+        check_fits(text, loaded, params.reply_tokens or 1, "conversation as the chat template renders it", param)
+        ids = await off_the_loop(lambda: loaded.tokenizer(text, add_special_tokens=False)["input_ids"], len(text))
         max_tokens = params.reply_tokens or max(1, min(self.max_tokens_limit, loaded.context - len(ids)))
         job = self._job(loaded, ids, max_tokens, params, params.stop_strings + template_stops, "messages", param)
-        reply = _Replying(params, loaded, "chatcmpl", len(ids))
+        response = self._response(params, loaded, "chatcmpl", len(ids))
         if params.stream:
-            return sse(reply.chat_chunks(self._stream([job])))
-        (answer,) = await asyncio.gather(self._collect(job))
+            return sse(response.chat_chunks(await self._stream([job])), self._deadline_at(started))
+        (answer,) = await self._replies([job], started)
         return ChatCompletionResponse(
-            id=reply.id,
-            model=reply.model,
-            system_fingerprint=reply.fingerprint,
+            **response.identity(),
             choices=[
                 ChatChoice(index=0, message=AssistantMessage(content=answer.text), finish_reason=answer.finish_reason)
             ],
-            usage=_usage([job], [answer]),
+            usage=usage_of(response.prompt_tokens, [answer]),
         ).model_dump()
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -299,40 +228,67 @@ class LMServer:
         prompt_param: str,
         tokens_param: str = "max_tokens",
     ) -> Job:
-        if not prompt_ids:
-            raise ClientError(400, f"the {prompt_param} encode to no tokens", prompt_param)
-        if max_tokens > self.max_tokens_limit:
-            raise ClientError(
-                400, f"{tokens_param}={max_tokens} is over this server's limit of {self.max_tokens_limit}", tokens_param
-            )
-        if len(prompt_ids) + max_tokens > loaded.context:
-            raise ClientError(
-                400,
-                f"the prompt ({len(prompt_ids)} tokens) plus {tokens_param} ({max_tokens}) is over the model's context "
-                f"of {loaded.context} tokens",
-                tokens_param,
-                "context_length_exceeded",
-            )
+        check_lengths(len(prompt_ids), max_tokens, self.max_tokens_limit, loaded.context, prompt_param, tokens_param)
         request = GenerationRequest(prompt_ids, max_tokens, params.temperature, params.top_p, params.seed, stop)
         return Job(request, loaded)
 
-    async def _collect(self, job: Job) -> Reply:
-        reply = Reply()
+    @staticmethod
+    def _response(params: SamplingFields, loaded: LoadedModel, prefix: str, prompt_tokens: int) -> Response:
+        return Response(params, loaded.resolved.name, loaded.resolved.fingerprint, prefix, prompt_tokens)
+
+    def _deadline_at(self, started: float) -> float | None:
+        return None if self.deadline_s is None else started + self.deadline_s
+
+    async def _admitted(self, jobs: list[Job]) -> list[AsyncIterator[Delta]]:
+        """The jobs' delta streams, once the token budget took them and the engine has them (each job gives its
+        share back when it ends, there or here)."""
+        if not self.budget.take(jobs):
+            tokens = sum(job.cost for job in jobs)
+            raise ClientError(
+                503,
+                f"this replica is at its token budget: {self.budget.used} of {self.budget.capacity} tokens (prompts "
+                f"plus max_tokens) are being decoded, and this request needs {tokens}; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": f"{self.retry_after_s:g}"},
+            )
         try:
-            async for delta in await self.admit(job):
-                reply.add(delta)
+            return await asyncio.gather(*(self.admit(job) for job in jobs))
+        except BaseException:
+            for job in jobs:
+                job.end()
+            raise
+
+    async def _replies(self, jobs: list[Job], started: float) -> list[Reply]:
+        async def decoded() -> list[Reply]:
+            return await asyncio.gather(*(_summed(deltas) for deltas in await self._admitted(jobs)))
+
+        deadline = self._deadline_at(started)
+        try:
+            return await asyncio.wait_for(decoded(), None if deadline is None else deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise ClientError(
+                408,
+                f"the reply was not ready within {self.deadline_s:.3g}s (serve.request_timeout_s): ask for fewer "
+                "tokens, or retry when the server is less busy",
+                code="timeout",
+            ) from None
         finally:  # timed out or disconnected: stop spending steps on it
-            job.request.cancelled.set()
-        return reply
+            for job in jobs:
+                job.end()
 
     async def _stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
-        try:
-            streams = await asyncio.gather(*(self.admit(job) for job in jobs))
-            async for item in merge(streams):
-                yield item
-        finally:
-            for job in jobs:
-                job.request.cancelled.set()
+        """Admitted before the response starts (a refusal is still a status code); streamed as the rows decode."""
+        streams = await self._admitted(jobs)
+
+        async def merged() -> AsyncIterator[tuple[int, Delta]]:
+            try:
+                async for item in merge(streams):
+                    yield item
+            finally:
+                for job in jobs:
+                    job.end()
+
+        return merged()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def admit(self, jobs: list[Job]) -> list[AsyncIterator[Delta]]:
@@ -342,11 +298,7 @@ class LMServer:
     # -- authentication ------------------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.api_key_sha256):
+        if not authorized(request.headers.get("authorization", ""), self.api_key_sha256):
             raise ClientError(
                 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
             )

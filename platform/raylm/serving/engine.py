@@ -27,13 +27,51 @@ logger = logging.getLogger("ray.serve")
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One prompt to continue, with the model whose tokenizer encoded it (`loaded` is compared by identity: during
-    a swap the old and the new model each decode their own jobs)."""
+    a swap the old and the new model each decode their own jobs). `budget` holds its admission while it runs."""
 
     request: GenerationRequest
     loaded: Any
+    budget: TokenBudget | None = None
+
+    @property
+    def cost(self) -> int:
+        """What it may hold at most: its prompt and every token it may generate (a KV cache's rows)."""
+        return len(self.request.prompt_ids) + self.request.max_new_tokens
+
+    def end(self) -> None:
+        """Give back its admission (once, from whichever side ends it first) and stop decoding it."""
+        self.request.cancelled.set()
+        if self.budget is not None:
+            self.budget.give(self)
+
+
+class TokenBudget:
+    """The replica's admission rule in tokens: the jobs admitted and not yet ended hold at most `capacity` tokens of
+    prompt plus `max_tokens` (a request counts its prompts x max_tokens, not 1), except that an idle replica takes
+    any one request that fits the model. A request over the budget is refused at once (503), before it waits."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._lock = threading.Lock()
+
+    def take(self, jobs: list[Job]) -> bool:
+        cost = sum(job.cost for job in jobs)
+        with self._lock:
+            if self.used and self.used + cost > self.capacity:
+                return False
+            self.used += cost
+            for job in jobs:
+                job.budget = self
+        return True
+
+    def give(self, job: Job) -> None:
+        with self._lock:
+            if job.budget is self:
+                self.used -= job.cost
+                job.budget = None
 
 
 class _Failed:
@@ -53,6 +91,8 @@ class _Waiting:
         if self.ended:
             return
         self.ended = item is _END or isinstance(item, _Failed)
+        if self.ended:
+            self.job.end()
         # A closed loop: the replica is shutting down and nobody waits any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -107,11 +147,14 @@ class DecodeEngine:
             try:
                 for step in self._decode([w.job for w in batch]):
                     for waiting, delta in zip(batch, step, strict=True):
-                        if delta is not None:
+                        if delta is not None and delta.error is not None:  # this row failed, the others go on
+                            logger.error("decoding one request failed", exc_info=delta.error)
+                            waiting.send(_Failed(delta.error))
+                        elif delta is not None:
                             waiting.send(delta)
                             if delta.finish_reason is not None:
                                 waiting.send(_END)
-            except Exception as err:  # the model failed: every request of this batch hears it, the next batch runs
+            except Exception as err:  # the model failed: every request left in this batch hears it; the next batch runs
                 logger.exception("decoding failed")
                 for waiting in batch:
                     waiting.send(_Failed(err))

@@ -23,9 +23,17 @@ logger = logging.getLogger("ray.serve")
 class ClientError(Exception):
     """A request the client must fix: becomes an OpenAI error object with this status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_type(status: int) -> str:
@@ -34,14 +42,20 @@ def error_type(status: int) -> str:
     )
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, error_type(status), param, code), status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type(status), param, code), status_code=status, headers=headers)
 
 
 def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(ClientError)
     async def _client_error(request: Request, err: ClientError) -> JSONResponse:
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, err.headers)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -35,18 +35,21 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+    error: Exception | None = None
 
 
 @dataclass
 class Delta:
     """What one row gained in one step: the token (None for the end-of-text token, which is not part of the reply),
     new text (possibly empty: held back, or half a character), the reply's token count so far, and the finish
-    reason on the row's last delta."""
+    reason on the row's last delta ("stop", "length", or "error" with the `error`)."""
 
     token_id: int | None
     text: str
     tokens: int
     finish_reason: str | None = None
+    error: Exception | None = None
+    """Why the row failed (finish_reason "error"): the request fails, the rest of its batch goes on."""
 
 
 class RowText:
@@ -126,57 +129,79 @@ def _pick(logits: torch.Tensor, request: GenerationRequest, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _generators(requests: list[GenerationRequest]) -> list[torch.Generator | None]:
-    generators: list[torch.Generator | None] = []
-    for request in requests:
-        if _greedy(request):
-            generators.append(None)
-            continue
-        generator = torch.Generator()
-        generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
-        generators.append(generator)
-    return generators
+def _generator(request: GenerationRequest) -> torch.Generator | None:
+    if _greedy(request):
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
+    return generator
 
 
 @torch.no_grad()
 def generate_steps(model, tokenizer, requests: list[GenerationRequest]) -> Iterator[list[Delta | None]]:
     """After each decoding step, one entry per request: its `Delta`, or None once it finished (or was cancelled) in an
-    earlier step. A batch whose requests were all cancelled stops early."""
+    earlier step. A row that finishes, is cancelled or fails leaves the batch (its rows of the KV cache go too): it
+    costs nothing more and its position never advances past its own last token, so no request's length can push
+    another's past the model's context. A failure in one row (its seed, sampling, decoding its text) ends that row
+    only, with a `Delta` whose `error` says why."""
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    vocab = len(tokenizer)  # a model may have padded embedding rows (model.vocab_multiple): never sample them
+    rows: list[RowText | None] = [None] * len(requests)
+    generators: list[torch.Generator | None] = [None] * len(requests)
+    finish: list[str | None] = [None] * len(requests)
+    failed: dict[int, Exception] = {}  # rows that failed since the last step, told in the next one
+    for index, request in enumerate(requests):
+        try:
+            rows[index], generators[index] = RowText(tokenizer, request.stop), _generator(request)
+        except Exception as err:
+            finish[index], failed[index] = "error", err
     ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = _generators(requests)
-    rows = [RowText(tokenizer, r.stop) for r in requests]
-    finish: list[str | None] = [None] * len(requests)
+    live = list(range(len(requests)))  # the request each row of the batch tensors (and of the KV cache) is
     past = None
-    vocab = len(tokenizer)  # a model may have padded embedding rows (model.vocab_multiple): never sample them
-    for _ in range(max(r.max_new_tokens for r in requests)):
-        for row, request in enumerate(requests):
-            if finish[row] is None and request.cancelled.is_set():
-                finish[row] = "cancelled"
-        if all(reason is not None for reason in finish):
+    while True:
+        for index in live:
+            if finish[index] is None and requests[index].cancelled.is_set():
+                finish[index] = "cancelled"
+        keep = [row for row, index in enumerate(live) if finish[index] is None]
+        if not keep:
+            if failed:
+                yield _failures(len(requests), rows, failed)
             return
+        if len(keep) < len(live):
+            ids, mask, positions = ids[keep], mask[keep], positions[keep]
+            if past is not None:
+                past.batch_select_indices(torch.tensor(keep))
+            live = [live[row] for row in keep]
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)
-        step: list[Delta | None] = []
-        for row, request in enumerate(requests):
-            if finish[row] is not None:
-                step.append(None)
-                continue
-            token = _pick(out.logits[row, -1, :vocab], request, generators[row])
-            next_ids[row, 0] = token
-            finish[row] = _finished(rows[row], request, token, eos_id)
-            text = rows[row]
-            kept = None if token == eos_id else token
-            step.append(Delta(kept, text.delta(finish[row] is not None), len(text.token_ids), finish[row]))
+        next_ids = torch.full((len(live), 1), pad_id, dtype=torch.long)
+        step = _failures(len(requests), rows, failed)
+        for row, index in enumerate(live):
+            request, text = requests[index], rows[index]
+            try:
+                token = _pick(out.logits[row, -1, :vocab], request, generators[index])
+                next_ids[row, 0] = token
+                finish[index] = _finished(text, request, token, eos_id)
+                kept = None if token == eos_id else token
+                step[index] = Delta(kept, text.delta(finish[index] is not None), len(text.token_ids), finish[index])
+            except Exception as err:  # this row's failure is this row's alone
+                finish[index] = "error"
+                step[index] = Delta(None, "", len(text.token_ids), "error", error=err)
         yield step
-        if all(reason is not None for reason in finish):
-            return
         ids = next_ids
-        mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
+
+
+def _failures(size: int, rows: list[RowText | None], failed: dict[int, Exception]) -> list[Delta | None]:
+    """A step's entries for the rows that failed before it (and forgets them: each failure is told once)."""
+    step: list[Delta | None] = [None] * size
+    for index, err in failed.items():
+        step[index] = Delta(None, "", len(rows[index].token_ids) if rows[index] else 0, "error", error=err)
+    failed.clear()
+    return step
 
 
 def _finished(row: RowText, request: GenerationRequest, token: int, eos_id: int) -> str | None:
@@ -196,4 +221,5 @@ def generate_batch(model, tokenizer, requests: list[GenerationRequest]) -> list[
                 result.token_ids += [] if delta.token_id is None else [delta.token_id]
                 result.text += delta.text
                 result.finish_reason = delta.finish_reason or result.finish_reason
+                result.error = delta.error
     return results

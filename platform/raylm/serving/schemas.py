@@ -23,6 +23,10 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 NonEmpty = Annotated[Text, StringConstraints(min_length=1)]
+MAX_STOP_CHARS = 512
+"""A stop string's longest: each new token is searched for every stop string on the decoding thread that every
+request of the batch shares, and a streamed reply holds back that many characters."""
+Stop = Annotated[Text, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -48,7 +52,7 @@ class SamplingFields(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed accepts
     user: str | None = None
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,14 +9,11 @@ from typing import Any
 from raylm.cluster import ResourcePlan
 from raylm.config import Config, ServeSection
 from raylm.runs import RunPaths
+from raylm.serving.access import API_KEY_ENV, ServeConfigError, check_bind, key_hash, read_api_key
 from raylm.serving.source import ModelSource, resolve_source
 
 APP_NAME = "raylm"
-API_KEY_ENV = "RAYLM_API_KEY"
-
-
-class ServeConfigError(ValueError):
-    """Serving was asked for something unsafe or impossible (a public bind without an API key, ...)."""
+__all__ = ["API_KEY_ENV", "ServeConfigError"]
 
 
 def model_source(cfg: Config) -> ModelSource:
@@ -27,18 +21,13 @@ def model_source(cfg: Config) -> ModelSource:
     ref = cfg.serve.model or f"{cfg.model_name}:latest"
     if Path(ref).expanduser().is_dir():
         return ModelSource(path=str(Path(ref).expanduser().resolve()))
-    return ModelSource(registry=str(RunPaths.of(cfg).registry), ref=ref)
+    # As a URI with its options (an S3 endpoint): the replica opens the registry from this text.
+    return ModelSource(registry=RunPaths.of(cfg).registry.uri, ref=ref)
 
 
 def api_key(section: ServeSection) -> str | None:
     """The serving API key from `RAYLM_API_KEY` or `serve.api_key_file`; never from the config itself."""
-    key = os.environ.get(API_KEY_ENV, "").strip()  # the key as typed: a stray newline would lock every client out
-    if not key and section.api_key_file:
-        try:
-            key = Path(section.api_key_file).expanduser().read_text().strip()
-        except OSError as err:
-            raise ServeConfigError(f"serve.api_key_file: cannot read {section.api_key_file}: {err.strerror}") from None
-    return key or None
+    return read_api_key(section.api_key_file)
 
 
 def local_url(host: str, port: int) -> str:
@@ -47,31 +36,22 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def app_options(cfg: Config, threads: int) -> dict[str, Any]:
-    """The replica's arguments: threads, batching and limits, quantization, and the API key's hash (never the key)."""
-    key = api_key(cfg.serve)
-    if key is None and not is_loopback(cfg.serve.host):
-        raise ServeConfigError(
-            f"serve.host={cfg.serve.host} would expose the model beyond this machine without an API key: "
-            f"set {API_KEY_ENV} or serve.api_key_file"
-        )
+    """The replica's arguments: threads, batching and limits, quantization, and the API key's hash (never the key)
+    when this process has one; the replica applies the public-bind rule to the host Serve really binds."""
     return {
         "threads": threads,
         "max_batch_size": cfg.serve.max_batch_size,
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "max_tokens_limit": cfg.serve.max_tokens_limit,
-        "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+        "api_key_sha256": key_hash(api_key(cfg.serve)),
+        "api_key_file": cfg.serve.api_key_file,
         "quantize": cfg.serve.quantize,
         "reload_interval_s": cfg.serve.reload_interval_s,
+        "request_timeout_s": cfg.serve.request_timeout_s,
+        "token_budget": cfg.serve.token_budget,
+        "retry_after_s": cfg.serve.retry_after_s,
+        "max_ongoing_requests": cfg.serve.ongoing_requests,
     }
 
 
@@ -109,6 +89,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     source = model_source(cfg)
     model = resolve_source(source)  # fail here, with the registry's message, before deploying anything
     options = app_options(cfg, cfg.serve.threads or plan.cpus_per_worker)
+    check_bind(cfg.serve.host, options["api_key_sha256"] is not None, "serve.host")  # before Serve binds anything
     serve.start(http_options=http_options(cfg.serve))
     _check_http_options(cfg.serve)
     serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
@@ -137,7 +118,8 @@ def metrics_url() -> str | None:
 
 
 def _check_http_options(section: ServeSection) -> None:
-    """Serve's HTTP proxy is configured once per cluster; `serve.start` ignores different options afterwards."""
+    """Serve's HTTP proxy is configured once per cluster; `serve.start` ignores different options afterwards. A
+    shorter serve.request_timeout_s than the proxy's is kept by the replica (it answers 408 first)."""
     from ray.serve.context import _get_global_client
 
     running = _get_global_client().http_config
@@ -146,10 +128,11 @@ def _check_http_options(section: ServeSection) -> None:
             f"Ray Serve already listens on {running.host}:{running.port} in this cluster and cannot move to "
             f"serve.host={section.host}, serve.port={section.port}: use those, or `serve shutdown` first"
         )
-    if running.request_timeout_s != section.request_timeout_s:
+    proxy_timeout = running.request_timeout_s
+    if proxy_timeout is not None and proxy_timeout > 0 and section.request_timeout_s > proxy_timeout:
         raise ServeConfigError(
-            f"Ray Serve in this cluster already times requests out after {running.request_timeout_s}s, not "
-            f"serve.request_timeout_s={section.request_timeout_s}: use that, or `serve shutdown` first"
+            f"Ray Serve in this cluster already times requests out after {proxy_timeout}s, before "
+            f"serve.request_timeout_s={section.request_timeout_s}: use at most that, or `serve shutdown` first"
         )
 
 

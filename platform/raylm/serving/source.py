@@ -87,6 +87,8 @@ class LoadedModel:
     resolved: ResolvedModel
     context: int
     names: set[str] = field(default_factory=set)
+    longest_token: int = 1
+    """Characters in the tokenizer's longest vocabulary entry (`serving.admission`'s bound before tokenizing)."""
 
 
 def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = None) -> LoadedModel:
@@ -94,6 +96,7 @@ def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = Non
     from transformers import AutoTokenizer
 
     from raylm.models import context_length, load_pretrained
+    from raylm.serving.admission import longest_token
     from raylm.serving.quantize import quantize_int8
 
     torch.set_num_threads(threads)
@@ -101,4 +104,4 @@ def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = Non
     model = load_pretrained(str(resolved.path)).eval()
     if quantize == "int8":
         quantize_int8(model)
-    return LoadedModel(model, tokenizer, resolved, context_length(model), resolved.names)
+    return LoadedModel(model, tokenizer, resolved, context_length(model), resolved.names, longest_token(tokenizer))

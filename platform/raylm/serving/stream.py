@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -51,17 +52,27 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
             task.cancel()
 
 
-def sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+def sse(chunks: AsyncIterator[BaseModel], deadline: float | None = None) -> StreamingResponse:
     """`data: {json}` events ending with `data: [DONE]`. A failure after the first byte cannot change the status
-    code: it is sent as an OpenAI error event instead, its details kept in the replica's log."""
+    code: it is sent as an OpenAI error event instead, its details kept in the replica's log; so is the deadline
+    (`time.monotonic()` seconds) passing, after which `chunks` is closed (its rows stop decoding)."""
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), left)
+                except StopAsyncIteration:
+                    break
                 yield f"data: {chunk.model_dump_json()}\n\n"
+        except asyncio.TimeoutError:
+            yield f"data: {json.dumps(_timed_out())}\n\n"
         except Exception:
             logger.exception("streamed generation failed")
             yield f"data: {json.dumps(_server_error())}\n\n"
+        finally:
+            await chunks.aclose()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -69,3 +80,11 @@ def sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 def _server_error() -> dict[str, Any]:
     return error_body("internal error while generating the reply", error_type(500))
+
+
+def _timed_out() -> dict[str, Any]:
+    return error_body(
+        "the reply was cut at the server's deadline (serve.request_timeout_s): ask for fewer tokens",
+        error_type(408),
+        code="timeout",
+    )
