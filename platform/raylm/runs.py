@@ -79,10 +79,18 @@ def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool, s
     """(directory, whether it holds reusable results for this config, the conflict message if any)."""
     attribute, outputs = STAGES[stage]
     directory = getattr(RunPaths.of(cfg), attribute)
-    produced = any(directory.glob(pattern) for pattern in outputs)
+    produced = [found.name for pattern in outputs for found in directory.glob(pattern)]
     marker = directory / STAGE_FILE
-    if restart or not produced or not marker.is_file():
+    if restart or not produced:
         return directory, False, None
+    if not marker.is_file():  # results nobody can say the config of: neither reused nor deleted
+        return (
+            directory,
+            False,
+            f"{stage}: {directory} holds results ({', '.join(produced[:3])}) but no {STAGE_FILE} saying which config "
+            f"made them, so raylm neither reuses nor deletes them: move them away, use another run.name, or "
+            f"--restart to discard them",
+        )
     wanted = stage_config(cfg, stage)
     recorded = read_json(marker)
     if recorded.get("hash") == fingerprint(wanted):
@@ -109,7 +117,8 @@ def check_stages(cfg: Config, stages: tuple[str, ...], restart: bool) -> None:
 def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool]:
     """Make the stage's directory this config's. Returns it and whether earlier results there can be reused.
 
-    A directory without durable results (an attempt that failed early) is cleared and taken over."""
+    A directory without durable results (an attempt that failed early) is cleared and taken over; one with results
+    is deleted only with `restart`."""
     directory, reusable, conflict = _conflict(cfg, stage, restart)
     if conflict:
         raise StageConflict(conflict)

@@ -12,7 +12,7 @@ from raylm.cluster import plan_resources
 from raylm.config import load_config
 from raylm.data.prepare import run_prepare
 from raylm.runs import RunPaths
-from raylm.train.checkpoint import read_checkpoint_manifest
+from raylm.train.checkpoint import checkpoint_dirs, read_checkpoint_manifest
 from raylm.train.ingest import expected_ledger
 from raylm.train.trainer import TrainingFailed, run_train
 from tests.conftest import tiny_overrides
@@ -102,19 +102,34 @@ def test_without_retries_a_killed_worker_fails_fast_and_leaks_nothing(ray_cluste
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path, capsys):
+def read_step(checkpoint) -> int:
+    return read_checkpoint_manifest(checkpoint)["step"]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path, capsys):
+    """The two newest checkpoints gone bad, each passed over with a warning naming the file: the latest's weights with
+    one byte flipped at the same size (only the SHA-256 in its manifest tells), the one before with its manifest cut
+    short (JSON that no longer parses; truncated weights: tests/unit/test_checkpoint.py). The run resumes from the
+    newest good one and finishes exactly as planned, on the same data."""
     from pathlib import Path
 
     cfg = _config(tmp_path, "corrupt", "train.num_workers=1", "train.max_steps=12", "train.num_to_keep=3")
     plan = plan_resources(cfg, embedded=True)
     first = run_train(cfg, plan)
-    weights = Path(first["checkpoint"]) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # the latest checkpoint, truncated
+    latest = Path(first["checkpoint"])
+    weights = latest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size: only the hash can tell
+    second = next(Path(c.path) for c in checkpoint_dirs(RunPaths.of(cfg).train) if read_step(c) == 8)
+    (second / "raylm_checkpoint.json").write_text('{"format": "raylm.checkpoint/2", "step": 8, "fi')  # cut short
     (RunPaths.of(cfg).train / "result.json").unlink()  # as if the run had stopped right after writing it
 
     again = run_train(cfg, plan)
     warning = capsys.readouterr().err
-    assert f"{weights} has 1000 bytes" in warning and "resuming from" in warning
+    assert f"{weights} does not match the SHA-256" in warning, warning
+    assert f"{second / 'raylm_checkpoint.json'} is not valid JSON" in warning, warning
+    assert "resuming from" in warning
     assert again["resumed"] is True and again["step"] == 12
     expected = expected_ledger(str(RunPaths.of(cfg).data), 0, 8, 1, 0, 12).state()
     assert read_checkpoint_manifest(again["checkpoint"])["ledgers"] == [expected]
@@ -165,7 +180,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(ray_clust
 
     from raylm.runs import claim_stage
     from raylm.storage import Location
-    from raylm.train.checkpoint import checkpoint_problem, resume_checkpoint
+    from raylm.train.checkpoint import checkpoint_problem, choose_checkpoint
     from raylm.train.trainer import build_trainer
     from tests.reliability import full_disk
 
@@ -181,7 +196,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(ray_clust
     complete = [c for c in checkpoints if checkpoint_problem(c) is None]
     assert len(complete) == 1 and read_checkpoint_manifest(complete[0])["step"] == 4
     assert AutoModelForCausalLM.from_pretrained(str(complete[0].local)) is not None
-    assert resume_checkpoint(None, paths.train)[0] == complete[0], "a partial checkpoint is never resumed from"
+    assert choose_checkpoint(paths.train)[0] == complete[0], "a partial checkpoint is never resumed from"
 
     summary = run_train(cfg, plan_resources(cfg, embedded=True))  # space again: the run resumes and finishes
     assert summary["resumed"] is True and summary["step"] == 12

@@ -30,6 +30,21 @@ def test_an_attempt_without_results_is_taken_over(tmp_path):
     assert claim_stage(changed, "train", restart=False)[1] is False
 
 
+@pytest.mark.parametrize(("stage", "result"), [("train", "result.json"), ("prepare", "manifest.json")])
+def test_results_without_a_stage_marker_are_refused_never_deleted(tmp_path, stage, result):
+    """A stage folder with results but no stage.json (copied in by hand, written by an older raylm, the marker
+    deleted): nothing says which config made them, so raylm neither reuses nor deletes them."""
+    cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r"])
+    directory = tmp_path / "r" / ("data" if stage == "prepare" else "train")
+    directory.mkdir(parents=True)
+    (directory / result).write_text("{}")
+    for refused in (lambda: check_stages(cfg, (stage,), restart=False), lambda: claim_stage(cfg, stage, False)):
+        with pytest.raises(StageConflict, match=rf"{directory} holds results .* no stage.json.*--restart"):
+            refused()
+    assert (directory / result).is_file()
+    assert claim_stage(cfg, stage, restart=True)[1] is False and not (directory / result).exists()
+
+
 def test_a_resumed_stage_refuses_shards_prepared_again_from_changed_inputs(tmp_path):
 
     cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r"])

@@ -3,13 +3,20 @@
     config.json, model.safetensors, generation_config.json   the model (`save_pretrained`)
     tokenizer.json, tokenizer_config.json, ...                the tokenizer the shards were made with
     train_state.pt                                            optimizer, scheduler and RNG state
-    raylm_checkpoint.json                                     step, tokens seen, metrics, file sizes: written last
+    raylm_checkpoint.json                                     step, tokens seen, metrics, each file's size and
+                                                              SHA-256 (hashed in the local directory before
+                                                              upload): written last
 
-A directory without `raylm_checkpoint.json`, or whose files do not match the sizes recorded there, is incomplete.
+A directory without a readable `raylm_checkpoint.json`, with a symbolic link, or whose files do not match the sizes
+recorded there, is incomplete; one whose files do not match their SHA-256 is corrupt. Sizes are cheap and checked
+everywhere; hashes are checked where a checkpoint is chosen (`choose_checkpoint`, on the driver, newest first,
+stopping at the first good one), registered or exported.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ import torch
 from raylm.runs import read_json, write_json
 from raylm.storage import Location
 
+CHECKPOINT_FORMAT = "raylm.checkpoint/2"
 CHECKPOINT_MANIFEST = "raylm_checkpoint.json"
 TRAIN_STATE = "train_state.pt"
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -49,31 +57,70 @@ def save_checkpoint(
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     torch.save(state, directory / TRAIN_STATE)
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != CHECKPOINT_MANIFEST}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_of(Location.parse(p))}
+        for p in sorted(directory.iterdir())
+        if p.name != CHECKPOINT_MANIFEST
+    }
     write_json(
         directory / CHECKPOINT_MANIFEST,
-        {"format": "raylm.checkpoint/1", **position, "metrics": metrics, "files": files},
+        {"format": CHECKPOINT_FORMAT, **position, "metrics": metrics, "files": files},
     )
 
 
-def checkpoint_problem(directory: Location | Path | str) -> str | None:
-    """Why `directory` (on any pyarrow filesystem) is not a complete checkpoint, or None when it is."""
+def sha256_of(path: Location) -> str:
+    digest = hashlib.sha256()
+    with path.fs.open_input_stream(path.path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Location) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint's manifest, or why there is none to trust (missing, empty, truncated, not a manifest)."""
+    path = directory / CHECKPOINT_MANIFEST
+    if not path.is_file():
+        return None, f"{path} is missing (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as err:  # empty, truncated, not UTF-8
+        return None, f"{path} is not valid JSON ({err})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        return None, f"{path} is not a checkpoint manifest (no step or files)"
+    return manifest, None
+
+
+def _is_link(path: Location) -> bool:
+    return path.is_local and Path(path.path).is_symlink()
+
+
+def checkpoint_problem(directory: Location | Path | str, verify: bool = False) -> str | None:
+    """Why `directory` (on any pyarrow filesystem) is not a complete checkpoint, or None when it is. `verify` also
+    hashes every file against the manifest (a flipped byte keeps the size)."""
     directory = Location.parse(directory)
-    manifest_path = directory / CHECKPOINT_MANIFEST
-    if not manifest_path.is_file():
-        return f"{manifest_path} is missing (the checkpoint was not finished)"
-    for name, size in read_json(manifest_path)["files"].items():
+    manifest, problem = _manifest(directory)
+    if problem:
+        return problem
+    for name, entry in manifest["files"].items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256"))
         path = directory / name
+        if _is_link(path):
+            return f"{path} is a symbolic link (a checkpoint holds regular files only)"
         if not path.is_file():
             return f"{path} is missing"
         if path.size() != size:
             return f"{path} has {path.size()} bytes, the manifest says {size}"
+        if verify and digest and sha256_of(path) != digest:
+            return f"{path} does not match the SHA-256 its manifest records (corrupted)"
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     return f"{directory} has no {missing[0]}" if missing else None
 
 
 def copy_model_files(checkpoint: Location, target: Location) -> None:
     """The checkpoint as a plain Hugging Face model directory: model, config, tokenizer; no optimizer state."""
+    links = [item for item in checkpoint.iterdir() if _is_link(item)]
+    if links:  # never followed: a link could point anywhere on this machine
+        raise ValueError(f"refusing to copy {links[0]}: a symbolic link (a checkpoint holds regular files only)")
     target.mkdir()
     for item in checkpoint.iterdir():
         if item.is_file() and item.name not in (TRAIN_STATE, CHECKPOINT_MANIFEST):
@@ -83,27 +130,40 @@ def copy_model_files(checkpoint: Location, target: Location) -> None:
 def export_checkpoint(checkpoint: Location | Path | str, out_dir: Location | Path | str) -> Location:
     """`raylm export`: a complete checkpoint -> a model directory any `from_pretrained` loads."""
     checkpoint, out_dir = Location.parse(checkpoint), Location.parse(out_dir)
-    problem = checkpoint_problem(checkpoint)
+    problem = checkpoint_problem(checkpoint, verify=True)
     if problem:
-        raise ValueError(f"cannot export an incomplete checkpoint: {problem}")
+        raise ValueError(f"cannot export an incomplete or corrupt checkpoint: {problem}")
     if out_dir.exists() and out_dir.iterdir():
         raise ValueError(f"{out_dir} exists and is not empty")
     copy_model_files(checkpoint, out_dir)
     return out_dir
 
 
-def resume_checkpoint(latest: Location | None, run_dir: Location) -> tuple[Location | None, str | None]:
-    """Where to resume: `latest` (Ray Train's latest reported checkpoint) when complete, else the complete
-    checkpoint of `run_dir` with the most steps. Returns it and, when `latest` was passed over, why."""
-    if latest is not None and checkpoint_problem(latest) is None:
-        return latest, None
-    problem = checkpoint_problem(latest) if latest is not None else None
-    complete = [c for c in run_dir.glob("checkpoint_*") if checkpoint_problem(c) is None]
-    best = max(complete, key=lambda c: read_checkpoint_manifest(c)["step"], default=None)
-    if problem:
-        fallback = f"resuming from {best}" if best else "no complete checkpoint is left: starting from scratch"
-        return best, f"the latest checkpoint is incomplete or corrupt ({problem}); {fallback}"
-    return best, None
+def choose_checkpoint(run_dir: Location, latest: Location | None = None) -> tuple[Location | None, list[str]]:
+    """Where a run resumes: its newest complete checkpoint with every file matching its hash, checked newest first
+    (`latest`, Ray Train's latest reported checkpoint, then the rest by name: Ray names them by time) and stopping at
+    the first good one. Returns it (None: start from scratch) and why each newer one was passed over."""
+    order = sorted(checkpoint_dirs(run_dir), key=lambda c: c.name, reverse=True)
+    order.sort(key=lambda c: c != latest)  # stable: Ray's latest first, the rest newest first
+    passed_over = []
+    for candidate in order:
+        problem = checkpoint_problem(candidate, verify=True)
+        if problem is None:
+            return candidate, passed_over
+        passed_over.append(f"passed over {candidate}: {problem}")
+    return None, passed_over
+
+
+def checkpoint_dirs(run_dir: Location) -> list[Location]:
+    """The run's checkpoint folders (Ray Train keeps `checkpoint_manager_snapshot.json` beside them)."""
+    return [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+
+
+def resume_warning(chosen: Location | None, passed_over: list[str]) -> str | None:
+    if not passed_over:
+        return None
+    then = f"resuming from {chosen}" if chosen else "no complete checkpoint is left: starting from scratch"
+    return f"the latest checkpoint is incomplete or corrupt ({'; '.join(passed_over)}); {then}"
 
 
 def read_checkpoint_manifest(directory: Location | Path | str) -> dict[str, Any]:

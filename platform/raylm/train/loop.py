@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
 from raylm.models import build_model
 from raylm.redact import redact
 from raylm.storage import Location
-from raylm.train.checkpoint import restore_checkpoint, resume_checkpoint, save_checkpoint
+from raylm.train.checkpoint import checkpoint_problem, restore_checkpoint, save_checkpoint
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
 from raylm.train.observe import LOGS_DIR, RunLogger, peak_gpu_mib, peak_rss_mib
 
@@ -125,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: Config = validate_config(config["cfg"])
     train = cfg.train
-    data_dir = Location.parse(config["data_dir"])
+    data_dir: Location = config["data_dir"]
     run_dir: Location = config["run_dir"]
     torch.set_num_threads(config["threads"])
     # TF32 for whatever matmuls stay in fp32 on a GPU (the bf16 autocast path does not need it).
@@ -152,10 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, total_steps))
     position: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     ledger = DataLedger()
-    latest = ray.train.get_checkpoint()
-    source, warning = resume_checkpoint(Location(latest.filesystem, latest.path) if latest else None, run_dir)
-    if warning:
-        print(f"raylm: {warning}", file=sys.stderr, flush=True)
+    source = _resume_source(config, ray.train.get_checkpoint())
     if source:
         local = source.local if source.is_local else source.download(Path(tempfile.mkdtemp(prefix="raylm-resume-")))
         recorded = restore_checkpoint(local, model, optimizer, scheduler, amp.scaler)
@@ -174,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # evaluation runs eagerly (no recompilation for eval mode or a short last batch).
     loss_fn = torch.compile(lm_loss) if train.compile else lm_loss
     micro, accum = train.micro_batch(world), train.grad_accum_steps(world)
-    stream = rank_dataset(str(data_dir), train.seed, train.batch_size, world, rank, position["step"], total_steps)
+    stream = rank_dataset(data_dir, train.seed, train.batch_size, world, rank, position["step"], total_steps)
     batches = train_batches(stream, micro, device)
     rows = manifest["splits"]["train"]["blocks"]
     val_blocks = val_share(data_dir, rank, world).to(device)
@@ -337,6 +333,16 @@ def _report(metrics, rank, model, tokenizer_dir, optimizer, scheduler, position,
     with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
         save_checkpoint(Path(directory), model, tokenizer_dir, optimizer, scheduler, position, metrics, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _resume_source(config: dict[str, Any], latest) -> Location | None:
+    """The checkpoint the driver chose (hashed once, there), unless Ray Train hands over one this run reported after
+    the driver chose (a restart after a worker failed), which is taken once its sizes check out."""
+    if latest is not None:
+        reported = Location(latest.filesystem, latest.path)
+        if reported.name not in config["known_checkpoints"] and checkpoint_problem(reported) is None:
+            return reported
+    return config["resume_from"]
 
 
 def _progress_actor(name: str | None):

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ray.train import TrainingFailedError
+from rich.markup import escape
 
 from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
 from raylm.config import Config
@@ -23,7 +24,7 @@ from raylm.data.shards import read_manifest
 from raylm.progress import progress, say
 from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
-from raylm.train.checkpoint import read_checkpoint_manifest, resume_checkpoint
+from raylm.train.checkpoint import checkpoint_dirs, choose_checkpoint, read_checkpoint_manifest, resume_warning
 from raylm.train.loop import train_loop_per_worker
 from raylm.train.observe import LOGS_DIR, LOSS_CURVE, plot_loss_curve, read_metrics
 
@@ -66,15 +67,23 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    run_dir = storage_path / name
+    # Where to resume, chosen once, here: the newest checkpoint whose files match their hashes (the workers trust
+    # this choice, and hash nothing).
+    chosen, passed_over = choose_checkpoint(run_dir, _latest_reported(run_dir))
+    if warning := resume_warning(chosen, passed_over):
+        say(f"[yellow]warning:[/yellow] {escape(warning)}")
     return TorchTrainer(
         train_loop_per_worker,
         # Config crosses into Ray as a plain dict and is validated again on the worker.
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "data_dir": str(data_dir),
+            "data_dir": data_dir,  # Locations: any filesystem, with its options (an S3 endpoint, ...)
             "threads": cpus_per_worker,
             "progress_actor": progress_actor,
-            "run_dir": storage_path / name,  # a Location: any filesystem, not only those with a URI scheme
+            "run_dir": run_dir,
+            "resume_from": chosen,
+            "known_checkpoints": [c.name for c in checkpoint_dirs(run_dir)],
         },
         scaling_config=scaling_config(cfg, cpus_per_worker),
         run_config=RunConfig(
@@ -121,11 +130,6 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
         say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
         return read_json(paths.train / RESULT_FILE)
     resumed = reusable and any(paths.train.glob("checkpoint_*"))
-    if resumed:
-        # The workers choose the same checkpoint; saying it here is what reaches the user's terminal.
-        _, warning = resume_checkpoint(_latest_reported(paths.train), paths.train)
-        if warning:
-            say(f"[yellow]warning:[/yellow] {warning}")
     gpus = f" + {cfg.train.gpus_per_worker:g} GPU" if cfg.train.gpus_per_worker else ""
     say(
         f"train: {cfg.train.workers_label} worker(s) x {plan.cpus_per_worker} CPU{gpus}, {total_steps} steps"
