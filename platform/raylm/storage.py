@@ -13,25 +13,32 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Location:
     fs: pafs.FileSystem
     path: str
+    scheme: str = ""
+    """The URI scheme it was parsed from (`s3`, `gs`, `file`...); empty for a local path or a bare filesystem."""
+    query: str = ""
+    """The URI's options (`endpoint_override=...&scheme=http`): kept so that `uri` rebuilds the same filesystem in
+    another process. Never shown: `str()` leaves them out (they may hold credentials)."""
 
     @classmethod
     def parse(cls, uri: str | Path | Location) -> Location:
-        """A local path (made absolute) or a URI with a scheme pyarrow knows."""
+        """A local path (made absolute) or a URI with a scheme pyarrow knows, options included."""
         if isinstance(uri, Location):
             return uri
         text = str(uri)
         if "://" not in text:
             return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().absolute()))
         fs, path = pafs.FileSystem.from_uri(text)
-        return cls(fs, path.rstrip("/"))
+        parts = urlsplit(text)
+        return cls(fs, path.rstrip("/"), parts.scheme, parts.query)
 
     @property
     def is_local(self) -> bool:
@@ -44,11 +51,36 @@ class Location:
             raise ValueError(f"{self} is not on the local filesystem")
         return Path(self.path)
 
+    @property
+    def uri(self) -> str:
+        """Text that `Location.parse` turns back into this location, filesystem options and all: for what crosses
+        into another process as a string (a Serve deployment's arguments). Holds any credentials the URI held."""
+        if self.is_local:
+            return self.path
+        return f"{self.scheme or self.fs.type_name}://{self.path}" + (f"?{self.query}" if self.query else "")
+
     def __str__(self) -> str:
-        return self.path if self.is_local else f"{self.fs.type_name}://{self.path}"
+        return self.path if self.is_local else f"{self.scheme or self.fs.type_name}://{self.path}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (type(self.fs), self.uri) == (type(other.fs), other.uri)
+
+    def __hash__(self) -> int:
+        return hash((type(self.fs).__name__, self.uri))
+
+    def within(self, text: str) -> Location:
+        """A path or URI recorded in a result file (written without options, which may hold credentials) as a
+        Location: on this location's filesystem, options included, when it names a place under this one."""
+        if self.is_local or "://" not in str(text):
+            return Location.parse(text)
+        parts = urlsplit(str(text))
+        path = (parts.netloc + parts.path).rstrip("/")
+        if parts.scheme == self.scheme and (path + "/").startswith(self.path.rstrip("/") + "/"):
+            return Location(self.fs, path, self.scheme, self.query)
+        return Location.parse(text)
 
     def __truediv__(self, name: str) -> Location:
-        return Location(self.fs, posixpath.join(self.path, str(name)))
+        return Location(self.fs, posixpath.join(self.path, str(name)), self.scheme, self.query)
 
     @property
     def name(self) -> str:
@@ -56,7 +88,7 @@ class Location:
 
     @property
     def parent(self) -> Location:
-        return Location(self.fs, posixpath.dirname(self.path))
+        return Location(self.fs, posixpath.dirname(self.path), self.scheme, self.query)
 
     def _info(self) -> pafs.FileInfo:
         return self.fs.get_file_info(self.path)
@@ -109,7 +141,9 @@ class Location:
         if not self.is_dir():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path))
-        return sorted((Location(self.fs, info.path) for info in infos), key=lambda loc: loc.path)
+        return sorted(
+            (Location(self.fs, info.path, self.scheme, self.query) for info in infos), key=lambda loc: loc.path
+        )
 
     def glob(self, pattern: str) -> list[Location]:
         """Entries whose path relative to this directory matches `pattern` (fnmatch; `*` crosses no `/`)."""
@@ -121,7 +155,7 @@ class Location:
         for info in infos:
             relative = posixpath.relpath(info.path, self.path)
             if relative.count("/") == depth and fnmatch.fnmatchcase(relative, pattern):
-                matches.append(Location(self.fs, info.path))
+                matches.append(Location(self.fs, info.path, self.scheme, self.query))
         return sorted(matches, key=lambda loc: loc.path)
 
     def move(self, target: Location) -> None:

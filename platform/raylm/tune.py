@@ -104,7 +104,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], budget: Budget) -
 
 
 def train_driver_per_trial(
-    params: dict[str, Any], base: dict[str, Any], budget: Budget, data_dir: str, cpus_per_worker: int
+    params: dict[str, Any], base: dict[str, Any], budget: Budget, data_dir: Location, cpus_per_worker: int
 ) -> None:
     """Runs inside a Tune trial: one `TorchTrainer` for this trial's config."""
     from ray import tune
@@ -112,9 +112,7 @@ def train_driver_per_trial(
     cfg = trial_config(base, params, budget)
     trial_id = tune.get_context().get_trial_id()
     storage = RunPaths.of(cfg).tune / "trials"
-    trainer = build_trainer(
-        cfg, Location.parse(data_dir), storage, trial_id, cpus_per_worker, callbacks=[ReportWithTrainRunId()]
-    )
+    trainer = build_trainer(cfg, data_dir, storage, trial_id, cpus_per_worker, callbacks=[ReportWithTrainRunId()])
     trainer.fit()
 
 
@@ -175,6 +173,11 @@ def build_scheduler(cfg: Config, budget: Budget):
     )
 
 
+def storage_filesystem(location: Location):
+    """What Ray takes as `storage_filesystem`: None for a local path (Ray's default), else the location's own."""
+    return None if location.is_local else location.fs
+
+
 def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, callbacks: list | None = None):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -185,14 +188,15 @@ def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, 
             train_driver_per_trial,
             base=cfg.model_dump(mode="json"),
             budget=budget,
-            data_dir=str(paths.data),
+            data_dir=paths.data,  # a Location: its filesystem's options travel with it
             cpus_per_worker=plan.trial_cpus_per_worker,
         ),
         {"CPU": DRIVER_CPUS},
     )
     if restore:
         # Errored trials stay errored (a diverged lr diverges again); interrupted and pending ones run.
-        return tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=False)
+        storage = storage_filesystem(paths.tune)
+        return tune.Tuner.restore(paths.tune.path, trainable, resume_errored=False, storage_filesystem=storage)
     return tune.Tuner(
         trainable,
         param_space=search_space(cfg),
@@ -207,7 +211,9 @@ def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, 
         ),
         run_config=tune.RunConfig(
             name=paths.tune.name,
-            storage_path=str(paths.root),
+            # The run.dir's own filesystem, options and credentials included (a URI string would lose them).
+            storage_path=paths.root.path,
+            storage_filesystem=storage_filesystem(paths.root),
             verbose=0,
             callbacks=callbacks,
         ),
@@ -228,7 +234,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     if reusable and (paths.tune / BEST_FILE).is_file():
         say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")
         return read_json(paths.tune / BEST_FILE)
-    restore = reusable and tune.Tuner.can_restore(str(paths.tune))
+    restore = reusable and tune.Tuner.can_restore(paths.tune.path, storage_filesystem(paths.tune))
     if cfg.tune.samples < cfg.tune.num_samples:
         say(
             f"tune: every parameter is a grid, so each configuration runs once (tune.num_samples="

@@ -51,7 +51,7 @@ def trial_rows(grid, params: list[str], budget_tokens: int, tune_dir: Location) 
                 # Tune's running total of the trial's time, up to its last report.
                 "seconds": round(metrics["time_total_s"], 2) if "time_total_s" in metrics else None,
                 # Ray reports the path inside the storage filesystem; as a URI it names the filesystem too.
-                "checkpoint": str(Location(tune_dir.fs, metrics["checkpoint_path"]))
+                "checkpoint": str(Location(tune_dir.fs, metrics["checkpoint_path"], tune_dir.scheme))
                 if metrics.get("checkpoint_path")
                 else None,
                 "curve": validation_curve(tune_dir / "trials" / trial_id / LOGS_DIR),

@@ -79,7 +79,7 @@ def test_incomplete_checkpoints_are_refused(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "c", seed=0)
     (checkpoint / CHECKPOINT_MANIFEST).unlink()
     assert "missing" in checkpoint_problem(checkpoint)
-    with pytest.raises(RegistryError, match="incomplete checkpoint"):
+    with pytest.raises(RegistryError, match="incomplete or corrupt checkpoint"):
         register(tmp_path / "registry", "lm", checkpoint, {})
 
     truncated = make_checkpoint(tmp_path / "t", seed=0)
@@ -104,18 +104,83 @@ def test_a_registry_on_another_filesystem(tmp_path):
 
 
 def test_a_version_another_registration_is_writing_is_never_taken_or_deleted(tmp_path):
-    """Another registration has moved its files into `lm/1` and not yet written the manifest: this one takes 2 and
-    leaves 1 alone (it used to pick 1 too, fail to move onto it, and delete the other's files)."""
+    """Another registration has claimed `lm/1` and is copying its files (no manifest yet): this one takes 2 and
+    leaves 1 alone; with no directory rename anywhere (object stores have none)."""
     registry = tmp_path / "registry"
+    (registry / "lm" / "1").mkdir(parents=True)
+    (registry / "lm" / "1" / ".claim").write_text("{}")
+    (registry / "lm" / "1" / "model.safetensors").write_bytes(b"the other registration's weights")
 
-    def other_registration_moves_in(staged) -> dict:
-        (registry / "lm" / "1").mkdir()
-        (registry / "lm" / "1" / "model.safetensors").write_bytes(b"the other registration's weights")
-        return {"promote": False}
-
-    version, _ = register(registry, "lm", make_checkpoint(tmp_path / "c", 0), {}, gate=other_registration_moves_in)
+    version, _ = register(registry, "lm", make_checkpoint(tmp_path / "c", 0), {})
     assert version.version == 2 and resolve(registry, "lm:2").manifest["weights_sha256"]
     assert (registry / "lm" / "1" / "model.safetensors").read_bytes() == b"the other registration's weights"
+    assert list_models(registry) == {"lm": [2]}
+
+    def failing_gate(staged) -> dict:
+        raise RuntimeError("the gate crashed")
+
+    with pytest.raises(RuntimeError, match="the gate crashed"):
+        register(registry, "lm", make_checkpoint(tmp_path / "d", 1), {}, gate=failing_gate)
+    assert not (registry / "lm" / "3").exists()  # its own folder removed, claim and all; 1 untouched
+    assert (registry / "lm" / "1" / "model.safetensors").is_file()
+
+
+def test_a_corrupt_version_manifest_is_named_and_skipped(tmp_path, capsys):
+    registry = tmp_path / "registry"
+    register(registry, "lm", make_checkpoint(tmp_path / "c0", 0), {})
+    (registry / "lm" / "1" / "manifest.json").write_text('{"name": "lm", "vers')  # cut short
+    second, new = register(registry, "lm", make_checkpoint(tmp_path / "c1", 1), {})
+    assert (second.version, new) == (2, True)
+    assert f"skipping {registry / 'lm' / '1' / 'manifest.json'} is corrupt" in capsys.readouterr().err
+    with pytest.raises(RegistryError, match=r"lm/1/manifest\.json is corrupt"):
+        resolve(registry, "lm:1")
+    assert resolve(registry, "lm:latest").version == 2
+
+
+@pytest.mark.parametrize("ref", ["tiny:²", "tiny:٣", "../etc:1", "tiny:-1", "a/b:1"])
+def test_references_that_are_no_version_are_explained(tmp_path, ref):
+    registry = tmp_path / "registry"
+    register(registry, "tiny", make_checkpoint(tmp_path / "c", 0), {})
+    with pytest.raises(RegistryError, match=r"has versions \[1\]|is not a model name"):
+        resolve(registry, ref)
+
+
+def test_a_corrupt_aliases_file_is_named(tmp_path):
+    registry = tmp_path / "registry"
+    register(registry, "lm", make_checkpoint(tmp_path / "c", 0), {})
+    for broken in ("{not json", '["best"]', '{"best": {"version": "²"}}'):
+        (registry / "lm" / "aliases.json").write_text(broken)
+        with pytest.raises(RegistryError, match=r"aliases\.json is corrupt .* `raylm models promote`"):
+            resolve(registry, "lm:best")
+
+
+def test_promotions_at_once_never_leave_the_worse_model_best(tmp_path):
+    """The worse model's promotion read the aliases before the better one was promoted: its conditional write
+    fails, it reads the new best, is asked again, and stands down (a plain write would have made it best)."""
+    import threading
+
+    registry = tmp_path / "registry"
+    better, worse = (register(registry, "lm", make_checkpoint(tmp_path / f"c{s}", s), {})[0] for s in (0, 1))
+    loss = {better.version: 1.0, worse.version: 2.0, None: float("inf")}
+    better_promoted = threading.Event()
+    asked = []
+
+    def worse_beats(current):
+        asked.append(current)
+        if len(asked) == 1:
+            better_promoted.wait(10)  # compared against "no best", then the better one is promoted
+        return loss[worse.version] < loss[current]
+
+    racing = threading.Thread(target=lambda: set_best(registry, "lm", worse.version, "gate", worse_beats))
+    racing.start()
+    while not asked:
+        pass
+    assert set_best(registry, "lm", better.version, "gate", lambda current: loss[better.version] < loss[current])
+    better_promoted.set()
+    racing.join(10)
+    assert asked == [None, better.version] and resolve(registry, "lm:best").version == better.version
+    history = json.loads((registry / "lm" / "aliases.json").read_text())["history"]
+    assert [entry["version"] for entry in history] == [better.version]
 
 
 def test_registrations_at_once_each_get_a_whole_version(tmp_path):
@@ -344,3 +409,28 @@ def test_cli_says_why_a_model_is_not_promoted_and_promotes_by_hand(tmp_path, cli
     )
     missing = cli.invoke(app, ["models", "promote", "lm:5", *overrides])
     assert missing.exit_code == 1 and "'lm:5': lm has versions [1, 2]" in missing.stderr
+
+
+def test_a_crash_between_registering_and_promoting_is_finished_by_a_rerun(tmp_path, monkeypatch):
+    import raylm.registry as registry_module
+
+    cfg = registry_config(tmp_path)
+    stage_trained_run(cfg, make_checkpoint(tmp_path / "c1", seed=1), val_loss=5.0)
+    promote_for_real = registry_module.set_best
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed after registering, before promoting")
+
+    monkeypatch.setattr(registry_module, "set_best", killed)
+    with pytest.raises(SystemExit):
+        run_register(cfg)
+    monkeypatch.setattr(registry_module, "set_best", promote_for_real)
+    assert aliases_of(RunPaths.of(cfg).registry, "lm") == {"latest": 1}  # registered, not promoted
+
+    again = run_register(cfg)
+    assert (again["new"], again["promoted"], again["best"]) == (False, True, "lm:1")
+    # Once promoted, a version replaced by hand since is not promoted again by a rerun.
+    registry = RunPaths.of(cfg).registry
+    register(registry, "lm", make_checkpoint(tmp_path / "c2", seed=2), {})
+    promote(registry, "lm:2")
+    assert run_register(cfg)["best"] == "lm:2"
