@@ -1,7 +1,11 @@
 """Time-to-best of a grid sweep ÷ time-to-best of ASHA over the same lr x batch-size space (see shared BENCHMARKS.md).
 
-Time-to-best: wall-clock from the sweep's start until a trial first reports a validation loss within 1% of that
-sweep's best. Both sweeps try the same configurations in the same order (a seeded shuffle of the learning rates),
+Time-to-best: wall-clock from the sweep's start until a trial first reports a validation loss within 1% of the best
+validation loss EITHER sweep found (measured against its own best, a sweep that keeps a worse configuration would
+reach "its best" sooner); a sweep that never gets there has none, and that repeat no ratio. `same_best` says
+whether both sweeps chose the same configuration. There is no pass mark: with 9 configurations and reduction
+factor 3, ASHA runs the first trial and every best-so-far to the end, which bounds the ratio well under 3x
+(bench/README.md). Both sweeps try the same configurations in the same order (a seeded shuffle of the learning rates),
 one trial at a time (`--concurrent N`: N at a time), each trial budgeted in tokens seen (a batch-size sweep gives
 trials different step counts), validating at the same cadence; ASHA (reduction factor 3, grace = budget / 9)
 stops the weak ones early. The two sweeps alternate (grid first, then ASHA first in the next repeat), each in a
@@ -38,8 +42,7 @@ from raylm.data.prepare import run_prepare  # noqa: E402
 from raylm.runs import RunPaths, read_json  # noqa: E402
 from raylm.tune import run_tune  # noqa: E402
 
-TARGET = 3.0
-WITHIN = 0.01  # "within 1% of the sweep's best"
+WITHIN = 0.01  # "within 1% of the best either sweep found"
 
 
 def sweep_overrides(
@@ -76,10 +79,10 @@ def run_one_sweep(overrides: list[str], scheduler: str, out: Path) -> None:
     out.write_text(json.dumps({"started": started, "wall": wall, "summary": summary, "trials": trials}))
 
 
-def time_to_best(sweep: dict) -> float:
-    best = sweep["summary"]["val_loss"]
+def time_to_best(sweep: dict, best: float) -> float | None:
+    """Seconds from the sweep's start to its first validation within 1% of `best`; None if it never got there."""
     times = [p["time"] for t in sweep["trials"] for p in t["curve"] if p["val_loss"] <= best * (1 + WITHIN)]
-    return min(times) - sweep["started"]
+    return min(times) - sweep["started"] if times else None
 
 
 def trained_tokens(sweep: dict) -> int:
@@ -145,16 +148,22 @@ def main() -> None:
         schedulers = ["grid", "asha"] if repeat % 2 == 0 else ["asha", "grid"]
         sweeps = run_sweeps(sweep_overrides(work, order, batch_sizes, budget, seq_len, extra), work, schedulers)
         grid, asha = sweeps["grid"], sweeps["asha"]
-        ttb = {name: time_to_best(sweep) for name, sweep in sweeps.items()}
-        ratios.append(ttb["grid"] / ttb["asha"])
+        best = min(sweep["summary"]["val_loss"] for sweep in sweeps.values())  # the best either found
+        ttb = {name: time_to_best(sweep, best) for name, sweep in sweeps.items()}
+        ratio_here = ttb["grid"] / ttb["asha"] if ttb["grid"] and ttb["asha"] else None
+        ratios.append(ratio_here)
         trial_seconds = [t["seconds"] for t in grid["trials"] if t["seconds"]]
         overheads.append(grid["wall"] / (sum(trial_seconds) / args.concurrent))
         trained = {name: trained_tokens(sweep) for name, sweep in sweeps.items()}
         runs.append(
             {
                 "lr_order": order,
-                "grid_ttb_s": round(ttb["grid"], 1),
-                "asha_ttb_s": round(ttb["asha"], 1),
+                "ratio": None if ratio_here is None else round(ratio_here, 3),
+                "best_val_loss": round(best, 4),
+                "grid_ttb_s": None if ttb["grid"] is None else round(ttb["grid"], 1),
+                "asha_ttb_s": None if ttb["asha"] is None else round(ttb["asha"], 1),
+                "grid_val_loss": round(grid["summary"]["val_loss"], 4),
+                "asha_val_loss": round(asha["summary"]["val_loss"], 4),
                 "grid_wall_s": round(grid["wall"], 1),
                 "asha_wall_s": round(asha["wall"], 1),
                 "grid_best": grid["summary"]["best_config"],
@@ -165,17 +174,20 @@ def main() -> None:
             }
         )
         print(f"repeat {repeat}: {json.dumps(runs[-1])}", file=sys.stderr)
-    ratio = statistics.median(ratios)
+    measured = [r for r in ratios if r is not None]  # a repeat where a sweep never reached the best has none
+    ratio = statistics.median(measured) if measured else None
     same_best = all(run["grid_best"] == run["asha_best"] for run in runs)
     middle = runs[ratios.index(ratio)] if ratio in ratios else runs[0]
     print(
         json.dumps(
             {
                 "bench": "tune",
-                "ratio": round(ratio, 3),
-                "target": TARGET,
-                "pass": ratio >= TARGET and same_best,
+                "ratio": None if ratio is None else round(ratio, 3),
                 "same_best": same_best,
+                "repeats_reaching_best": len(measured),
+                "best_val_loss": middle["best_val_loss"],
+                "grid_val_loss": middle["grid_val_loss"],
+                "asha_val_loss": middle["asha_val_loss"],
                 "grid_ttb_s": middle["grid_ttb_s"],
                 "asha_ttb_s": middle["asha_ttb_s"],
                 "grid_wall_s": middle["grid_wall_s"],
@@ -187,7 +199,7 @@ def main() -> None:
                 "grid_trial_s": middle["grid_trial_s"],
                 "tune_overhead": round(statistics.median(overheads), 3),
                 "repeats": repeats,
-                "spread": round((max(ratios) - min(ratios)) / ratio, 3),
+                "spread": round((max(measured) - min(measured)) / ratio, 3) if ratio else None,
                 "cores": local_cores(),
                 "device": "gpu" if args.gpu else "cpu",
             }

@@ -73,9 +73,17 @@ def tiny_overrides(run_dir: Path, name: str = "t") -> list[str]:
     ]
 
 
-def interrupt_cli(args: list[str], ready: Callable[[], bool], signal_name: str, exit_code: int) -> str:
+def ignore_sigint() -> None:
+    """What a non-interactive shell does to a job it starts in the background (`raylm serve ... &` in a script)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def interrupt_cli(
+    args: list[str], ready: Callable[[], bool], signal_name: str, exit_code: int, sigint_ignored: bool = False
+) -> str:
     """`raylm <args>` in a process of its own (with its own embedded Ray), sent `signal_name` once `ready()`; it must
-    exit with `exit_code` and say how to go on. Returns what it printed on stderr."""
+    exit with `exit_code` and say how to go on. `sigint_ignored` starts it as a script's background job. Returns what
+    it printed on stderr."""
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-", dir="/tmp")}  # short: Ray's socket paths
     process = subprocess.Popen(
         [sys.executable, "-m", "raylm.cli", *args],
@@ -84,6 +92,7 @@ def interrupt_cli(args: list[str], ready: Callable[[], bool], signal_name: str, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=ignore_sigint if sigint_ignored else None,
     )
     try:
         deadline = time.monotonic() + 240

@@ -46,7 +46,9 @@ VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's
 
 
 def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"raylm: {message}", err=True)
+    from raylm.redact import redact_text
+
+    typer.echo(f"raylm: {redact_text(message)}", err=True)  # messages echo paths, and paths may carry tokens
     raise typer.Exit(code)
 
 
@@ -172,8 +174,12 @@ def _stop_gracefully_on_sigterm(terminated: threading.Event) -> None:
             return
         terminated.set()
         # Whatever handles Ctrl-C now handles this: Python's KeyboardInterrupt, or, during a sweep, Ray Tune's
-        # handler, which stops the trials and saves the sweep's state so that it can resume.
-        signal.raise_signal(signal.SIGINT)
+        # handler, which stops the trials and saves the sweep's state so that it can resume. A process started
+        # with SIGINT ignored (`raylm serve ... &` in a script) has nothing there: raising SIGINT would be lost.
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)
+        else:
+            raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
@@ -195,8 +201,9 @@ def run_resumable_stage(
 
 def _preflight(cfg: Config, stages: tuple[str, ...], restart: bool) -> Callable[[], None]:
     def check() -> None:
-        from raylm.runs import check_stages
+        from raylm.runs import check_run_dir_writable, check_stages
 
+        check_run_dir_writable(cfg)
         check_stages(cfg, stages, restart)
 
     return check
@@ -269,7 +276,9 @@ def register(
     from raylm.registry import run_register
 
     cfg = load(config, overrides)
-    emit(run_stage(cfg, None, False, lambda c: run_register(c, checkpoint), needs_ray=False))
+    emit(
+        run_stage(cfg, None, False, lambda c: run_register(c, checkpoint), _preflight(cfg, (), False), needs_ray=False)
+    )
 
 
 @app.command()
@@ -329,17 +338,23 @@ def submit(
     python: Annotated[str, typer.Option(help="The cluster's Python interpreter, for the job's command.")] = "python",
 ) -> None:
     """Run a stage as a Ray job on a cluster, shipping this checkout (not .git, .venv, runs, data) with it."""
-    from raylm.submit import SubmitError
+    from raylm.submit import ClusterUnreachable, SubmitError
     from raylm.submit import submit as submit_job
     from raylm.submit import wait as wait_for
 
+    load(Path(config) if config else None, overrides)  # the schema, here, before anything is uploaded (exit 2)
     try:
         summary = submit_job(address, stage, config, overrides or [], Path.cwd(), python)
     except SubmitError as err:
         fail(str(err), 2)
+    except ClusterUnreachable as err:
+        fail(str(err), 1)
     emit(summary)
     if wait:
-        ended = wait_for(address, summary["job_id"])
+        try:
+            ended = wait_for(address, summary["job_id"])
+        except ClusterUnreachable as err:
+            fail(str(err), 1)
         typer.echo(ended["logs"], err=True)
         if ended["status"] != "SUCCEEDED":
             fail(f"job {summary['job_id']} {ended['status']}")
@@ -389,8 +404,10 @@ def export(
 
     try:
         target = export_checkpoint(checkpoint, out_dir)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         fail(str(err), 1)
+    except OSError as err:  # an unwritable or unreadable path, on any filesystem
+        fail(f"cannot export {checkpoint} to {out_dir}: {err.strerror or err}", 1)
     emit({"stage": "export", "checkpoint": checkpoint, "model_dir": str(target)})
 
 
@@ -398,12 +415,15 @@ def export(
 def models_list(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Registered models: versions and aliases (latest, best with its validation perplexity)."""
     from raylm.progress import say
-    from raylm.registry import describe_models
+    from raylm.registry import RegistryError, describe_models
     from raylm.runs import RunPaths
 
     cfg = load(config, overrides)
     registry = RunPaths.of(cfg).registry
-    models = describe_models(registry)
+    try:
+        models = describe_models(registry)
+    except RegistryError as err:
+        fail(str(err), 1)
     for name, info in models.items():
         best = "none promoted" if info["best"] is None else f"{name}:{info['best']}"
         if info["best_val_ppl"] is not None:
@@ -426,9 +446,9 @@ def models_show(
     registry = RunPaths.of(cfg).registry
     try:
         found = resolve(registry, ref)
+        aliases = version_aliases(registry, found.name, found.version)
     except RegistryError as err:
         fail(str(err), 1)
-    aliases = version_aliases(registry, found.name, found.version)
     emit({"model": found.ref, "path": str(found.path), "aliases": aliases, **found.manifest})
 
 

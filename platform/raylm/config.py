@@ -494,16 +494,35 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = _place(data, err.start)
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at {where})") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise ConfigError(f"{path}: YAML syntax error at {where}: {err.problem}") from None
+    except yaml.reader.ReaderError as err:  # a control character, which YAML does not allow
+        where = _place(text, err.position)
+        raise ConfigError(f"{path}: character U+{err.character:04X} at {where} is not allowed in YAML") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, train, ...)")
     return tree
+
+
+def _place(text: str | bytes, offset: int) -> str:
+    """`line L, column C` of a character offset."""
+    before = text[:offset]
+    newline = "\n" if isinstance(text, str) else b"\n"
+    return f"line {before.count(newline) + 1}, column {offset - (before.rfind(newline) + 1) + 1}"
 
 
 def _apply_override(tree: dict[str, Any], item: str) -> None:

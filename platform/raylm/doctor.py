@@ -82,10 +82,29 @@ def storage(cfg: Config) -> list[Finding]:
 
 
 def auth() -> Finding:
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-    if mode == "token":
-        return Finding("auth", "ok", "Ray token authentication is on")
-    return Finding("auth", "warn", f"RAY_AUTH_MODE={mode}: anyone who reaches the cluster's ports can run code on it")
+    """The cluster's own auth mode, as its Jobs API shows it to a client without the token (raylm sets
+    RAY_AUTH_MODE=token in its own environment, which says nothing about the cluster's)."""
+    import httpx
+    import ray
+
+    dashboard = ray._private.worker.get_dashboard_url()  # private: Ray is pinned
+    if not dashboard:
+        return Finding("auth", "warn", "cannot tell Ray's auth mode: the cluster runs no dashboard (Jobs API) to ask")
+    url = dashboard if "://" in dashboard else f"http://{dashboard}"
+    try:
+        status = httpx.get(f"{url}/api/jobs/", timeout=10).status_code  # deliberately without the token
+    except httpx.HTTPError as err:
+        return Finding("auth", "warn", f"cannot tell Ray's auth mode: the Jobs API at {url} did not answer ({err})")
+    if status in (401, 403):
+        return Finding(
+            "auth", "ok", f"Ray token authentication is on (the Jobs API at {url} refuses a client without it)"
+        )
+    return Finding(
+        "auth",
+        "warn",
+        f"Ray token authentication is off on this cluster (the Jobs API at {url} answered {status} without a token): "
+        "anyone who reaches its ports can run code on it; start it with RAY_AUTH_MODE=token",
+    )
 
 
 def upload(directory: Path) -> Finding:

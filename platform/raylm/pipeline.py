@@ -12,7 +12,7 @@ from typing import Any
 from raylm.cluster import ResourcePlan
 from raylm.config import Config
 from raylm.data.prepare import run_prepare
-from raylm.progress import say
+from raylm.progress import plain, say
 from raylm.registry import run_register
 from raylm.serving.server import api_key, complete, start_serving, stop_serving
 from raylm.train.trainer import run_train
@@ -42,7 +42,10 @@ def run_pipeline(
         finally:
             stop_serving()
         text = response["choices"][0]["text"]
-        say(f"[bold]model {stages['register']['model']} completes[/bold] {ask!r} [bold]with:[/bold]\n{ask}{text}")
+        say(
+            f"[bold]model {stages['register']['model']} completes[/bold] {plain(repr(ask))} [bold]with:[/bold]\n"
+            f"{plain(ask + text)}"
+        )
         summary["completion"] = {"prompt": ask, "text": text, "usage": response["usage"]}
     return summary
 

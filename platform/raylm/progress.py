@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,6 +41,13 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
         yield update
 
 
+def plain(value: object) -> str:
+    """A value (a path, a prompt, generated text) shown as it is, whatever brackets it holds: `say` reads markup."""
+    return escape(str(value))
+
+
 def say(message: str) -> None:
+    from raylm.redact import redact_text
+
     # soft_wrap: long paths stay on one line (copyable) instead of being wrapped at 80 columns in logs.
-    console.print(message, soft_wrap=True)
+    console.print(redact_text(message), soft_wrap=True)

@@ -13,11 +13,12 @@ results become unexplainable.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylm.config import Config, fingerprint
+from raylm.config import Config, ConfigError, fingerprint
 from raylm.redact import public_config
 from raylm.storage import Location
 
@@ -104,6 +105,21 @@ def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool, s
             f"({changes}); use another run.name, or --restart to discard it"
         ),
     )
+
+
+def check_run_dir_writable(cfg: Config) -> None:
+    """Fail with the field named, before any cluster work, when this process cannot write under run.dir (the driver
+    writes stage markers, results and the registry there)."""
+    from raylm.redact import redact_uri
+
+    probe = Location.parse(cfg.run.dir) / f".raylm-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_text("raylm checks that run.dir is writable; safe to delete")
+        probe.unlink()
+    except OSError as err:  # pyarrow's I/O errors are OSErrors too
+        raise ConfigError(
+            f"run.dir={redact_uri(cfg.run.dir)} is not writable from here: {err.strerror or err}"
+        ) from None
 
 
 def check_stages(cfg: Config, stages: tuple[str, ...], restart: bool) -> None:

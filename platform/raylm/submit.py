@@ -9,8 +9,10 @@ argv list and quoted with `shlex.join`, so a value like `; touch x` or `$(...)` 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,28 @@ FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class SubmitError(ValueError):
-    """The job cannot be submitted as asked (an unknown stage, an upload over Ray's limit)."""
+    """The job cannot be submitted as asked (an unknown stage, credentials in an override, an upload over Ray's
+    limit): exit 2."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Jobs API did not answer, or refused us (401 without Ray's token): exit 1."""
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse credentials in override values: the job's command line sits in Ray's job table and on its dashboard
+    in clear. They belong in the cluster's environment (AWS_*, a mounted key file), not in the command."""
+    from raylm.redact import redact_text, secret_field
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        leaf = key.strip().rsplit(".", 1)[-1]
+        if (secret_field(leaf) and value.strip()) or redact_text(value) != value:
+            raise SubmitError(
+                f"raylm submit: the override {key.strip()}=... carries a credential, and a job's command line is kept "
+                "in clear in Ray's job table and dashboard: put credentials in the cluster's environment (AWS_* "
+                "variables, a key file on the nodes) instead"
+            )
 
 
 def entrypoint(stage: str, config: str | None, overrides: list[str], python: str = "python") -> str:
@@ -67,18 +90,37 @@ def submit(
     from ray.job_submission import JobSubmissionClient
 
     command = entrypoint(stage, config, overrides, python)
+    check_overrides(overrides)
     env = runtime_env(directory)  # a checkout without .rayignore is refused before its tree is walked
     size = check_upload(directory)
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=command, runtime_env=env)
+    with _jobs_api(address):
+        job_id = JobSubmissionClient(address).submit_job(entrypoint=command, runtime_env=env)
     return {"stage": "submit", "job_id": job_id, "entrypoint": command, "upload_mib": round(size / 2**20, 2)}
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str | None) -> Iterator[None]:
+    """Ray's client errors (connection refused, 401 without the token) as one line naming the address."""
+    try:
+        yield
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(err).__name__
+        if "401" in str(err) or "nauthorized" in str(err) or "token" in str(err).lower():
+            reason += (
+                " (Ray's token authentication: raylm reads RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token;"
+                " `ray get-auth-token` on the head prints it)"
+            )
+        where = address or "RAY_ADDRESS"
+        raise ClusterUnreachable(f"raylm submit: the Jobs API at {where} did not take the request: {reason}") from None
 
 
 def wait(address: str, job_id: str, timeout_s: float = 3600) -> dict[str, Any]:
     """Wait for the job to end; its final status and its logs."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    with _jobs_api(address):
+        client = JobSubmissionClient(address)
     deadline = time.monotonic() + timeout_s
     while (status := str(client.get_job_status(job_id)).rsplit(".", 1)[-1]) not in FINAL_STATES:
         if time.monotonic() > deadline:

@@ -32,7 +32,7 @@ from raylm.cluster import (
 )
 from raylm.config import Config, ConfigError, validate_config
 from raylm.data.shards import read_manifest
-from raylm.progress import progress, say
+from raylm.progress import plain, progress, say
 from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.trainer import build_trainer
@@ -232,7 +232,7 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     _, reusable = claim_stage(cfg, "tune", restart)
     check_same_shards(cfg, "tune", manifest, reusable)
     if reusable and (paths.tune / BEST_FILE).is_file():
-        say(f"tune: sweep '{cfg.run.name}' already finished; reusing {paths.tune / BEST_FILE}")
+        say(f"tune: sweep '{cfg.run.name}' already finished; reusing {plain(paths.tune / BEST_FILE)}")
         return read_json(paths.tune / BEST_FILE)
     restore = reusable and tune.Tuner.can_restore(paths.tune.path, storage_filesystem(paths.tune))
     if cfg.tune.samples < cfg.tune.num_samples:

@@ -63,7 +63,17 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_serve_answers_then_ctrl_c_leaves_nothing_behind(prepared):
+@pytest.mark.parametrize(
+    ("signal_name", "exit_code", "sigint_ignored"),
+    [
+        ("SIGINT", 130, False),
+        # `raylm serve ... &` in a script starts with SIGINT ignored: `kill` (SIGTERM) must still stop it.
+        ("SIGTERM", 143, True),
+    ],
+)
+def test_serve_answers_then_a_stop_signal_leaves_nothing_behind(prepared, signal_name, exit_code, sigint_ignored):
+    from tests.conftest import ignore_sigint
+
     cfg, data = prepared
     port = free_port()
     serve_cfg = load_config(None, [*tiny_overrides(Path(cfg.run.dir)), "registry.name=cli", f"serve.port={port}"])
@@ -78,6 +88,7 @@ def test_serve_answers_then_ctrl_c_leaves_nothing_behind(prepared):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=ignore_sigint if sigint_ignored else None,
     )
     try:
         line = process.stdout.readline()
@@ -87,8 +98,8 @@ def test_serve_answers_then_ctrl_c_leaves_nothing_behind(prepared):
         assert reply.status_code == 200
         assert _processes_mentioning(ray_tmp), "the embedded cluster runs under RAY_TMPDIR"
 
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=60) == exit_code
         deadline = time.monotonic() + 30
         while _processes_mentioning(ray_tmp) and time.monotonic() < deadline:
             time.sleep(1)

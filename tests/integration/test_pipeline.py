@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 @pytest.mark.slow
-def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, tmp_path):
+def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, tmp_path, capsys):
     # run.dir as a URI: every artifact goes through pyarrow filesystems, as it would on s3:// or gs://.
     overrides = [*tiny_overrides(tmp_path, name="pipe"), f"run.dir=file://{tmp_path}/runs", "tune.enabled=false"]
     cfg = load_config(None, [*overrides, f"serve.port={serve_port}"])
@@ -36,8 +36,11 @@ def test_pipeline_trains_registers_serves_and_answers(ray_cluster, serve_port, t
     assert (tmp_path / "runs" / "registry" / "pipe" / "1" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "pipe" / "data" / "manifest.json").is_file()
 
-    # The same command again reuses every stage: no new version, nothing retrained.
-    again = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="The river", max_tokens=5)
+    # The same command again reuses every stage: no new version, nothing retrained. A prompt that reads as rich
+    # markup ([/b] closes a tag never opened) is printed as it is, after the run (it used to crash there).
+    again = run_pipeline(cfg, plan_resources(cfg, embedded=True), ask="a[/b] [bold]x", max_tokens=5)
+    assert again["completion"]["prompt"] == "a[/b] [bold]x"
+    assert "a[/b] [bold]x" in capsys.readouterr().err
     assert again["prepare"]["cache"] == "hit"
     assert again["train"] == summary["train"]
     assert again["register"]["new"] is False and again["register"]["version"] == 1

@@ -83,7 +83,8 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
     stderr = _interrupt_training(overrides, train_dir, "SIGINT", 130)
     # The driver's progress line, fed by rank 0: steps, losses, throughput, time left; then how to go on.
     assert re.search(r"train .*\d+/20 .*loss \d+\.\d+ .*val \d+\.\d+ \(ppl .*tok/s.*eta", stderr), stderr
-    stderr = _interrupt_training(overrides, train_dir, "SIGTERM", 143)
+    # SIGTERM to a run started as a script's background job (SIGINT ignored): it must still stop, and resume.
+    stderr = _interrupt_training(overrides, train_dir, "SIGTERM", 143, sigint_ignored=True)
     assert "(resuming from the last checkpoint)" in stderr, stderr[-3000:]
 
     summary = run_train(resumed_cfg, plan_resources(resumed_cfg, embedded=True))
@@ -96,7 +97,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(prepared, tmp_path):
     assert summary["tokens_seen"] == 20 * cfg.train.batch_size * cfg.data.seq_len
 
 
-def _interrupt_training(overrides: list[str], train_dir, signal_name: str, exit_code: int) -> str:
+def _interrupt_training(
+    overrides: list[str], train_dir, signal_name: str, exit_code: int, sigint_ignored: bool = False
+) -> str:
     """`raylm train`, sent `signal_name` once it has written a checkpoint (a new one, when resumed); no result is
     left. Returns what it printed."""
     before = {path.name for path in train_dir.glob("checkpoint_*")}
@@ -104,7 +107,7 @@ def _interrupt_training(overrides: list[str], train_dir, signal_name: str, exit_
     def checkpointed() -> bool:
         return bool({path.name for path in train_dir.glob("checkpoint_*")} - before)
 
-    stderr = interrupt_cli(["train", *overrides], checkpointed, signal_name, exit_code)
+    stderr = interrupt_cli(["train", *overrides], checkpointed, signal_name, exit_code, sigint_ignored)
     assert not (train_dir / "result.json").exists()
     return stderr
 

@@ -38,6 +38,7 @@ class Head:
     token: str
     home: Path
     runs: Path
+    log: object = None
 
     def env(self, **extra: str) -> dict[str, str]:
         """What a user's shell has: their HOME and the virtual environment on PATH; no RAY_* variable."""
@@ -75,23 +76,10 @@ def _end_session(sid: int) -> list[psutil.Process]:
     return [p for p in _session_processes(sid) if p.is_running()]
 
 
-@pytest.fixture(scope="module")
-def head():
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("needs a pytest session of its own: pytest tests/multinode")
-    temp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # short: Ray's socket paths live under it
-    home = temp / "home"
-    home.mkdir()
-    (temp / "runs").mkdir()
+def _start_head(temp: Path, home: Path, token: str, **env: str) -> Head:
+    """`ray start --head --block` with its own temp dir, ports and HOME, in a session of its own."""
     port, dashboard_port = free_port(), free_port()
-    shell = Head(None, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", "", home, temp / "runs")
-    generated = shell.run(str(BIN / "ray"), "get-auth-token", "--generate", timeout=60)
-    assert generated.returncode == 0, generated.stderr
-    shell.token = (home / ".ray" / "auth_token").read_text().strip()
-    assert shell.token and generated.stdout.strip() == shell.token
-
+    shell = Head(None, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token, home, temp / "runs")
     ports = {
         "--port": port,
         "--dashboard-port": dashboard_port,
@@ -107,15 +95,34 @@ def head():
     command += [f"{flag}={value}" for flag, value in ports.items()] + ["--disable-usage-stats"]
     log = open(temp / "head.log", "w")  # noqa: SIM115 (open for the head's whole life)
     shell.process = subprocess.Popen(
-        command, cwd=REPO, env=shell.env(RAY_AUTH_MODE="token"), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        command, cwd=REPO, env=shell.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    shell.log = log
+    return shell
+
+
+@pytest.fixture(scope="module")
+def head():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("needs a pytest session of its own: pytest tests/multinode")
+    temp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # short: Ray's socket paths live under it
+    home = temp / "home"
+    home.mkdir()
+    (temp / "runs").mkdir()
+    shell = Head(None, "", "", "", home, temp / "runs")
+    generated = shell.run(str(BIN / "ray"), "get-auth-token", "--generate", timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    assert token and generated.stdout.strip() == token
+    shell = _start_head(temp, home, token, RAY_AUTH_MODE="token")
     try:
         _wait_for_jobs_api(shell)
         yield shell
     finally:
         survivors = _end_session(shell.process.pid)
-        log.close()
+        shell.log.close()
         assert survivors == [], f"processes of the head's session still running: {survivors}"
 
 
@@ -178,6 +185,39 @@ def test_raylm_finds_the_token_wherever_ray_keeps_it_or_says_it_is_missing(head,
     missing = head.run(*doctor, HOME=str(elsewhere))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
     assert "token" in missing.stderr and head.token not in missing.stderr + missing.stdout
+    # The Jobs API's 401 to `raylm submit` without the token: one line saying so, exit 1, nothing uploaded.
+    submit = [str(BIN / "raylm"), "submit", "prepare", "--address", head.dashboard, *tiny_overrides(head.runs, "x")]
+    refused = head.run(*submit, HOME=str(elsewhere))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"raylm: raylm submit: the Jobs API at {head.dashboard} did not take the request")
+    assert "token" in last and head.token not in refused.stderr + refused.stdout
+
+
+def test_doctor_reports_the_clusters_auth_mode_not_its_own(head, tmp_path):
+    """raylm turns token mode on in its own environment, which says nothing of the cluster's: doctor asks the
+    cluster's Jobs API. A head started without token auth is reported as such, to a raylm that has a token."""
+    doctor = [str(BIN / "raylm"), "doctor", *tiny_overrides(tmp_path / "runs", name="doc")]
+    checks = {c["check"]: c for c in _summary(head.run(*doctor, "--address", head.address))["checks"]}
+    assert checks["auth"]["status"] == "ok" and "token authentication is on" in checks["auth"]["reason"]
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "home").mkdir()
+    open_head = _start_head(tmp_path, tmp_path / "home", "", RAY_AUTH_MODE="disabled")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{open_head.dashboard}/api/jobs/", timeout=5).status_code == 200:  # no token needed
+                    break
+            time.sleep(1)
+        result = head.run(*doctor, "--address", open_head.address)  # the user's HOME: a token is at hand
+        checks = {c["check"]: c for c in json.loads(result.stdout.strip().splitlines()[-1])["checks"]}
+        assert checks["auth"]["status"] == "warn", checks["auth"]
+        assert "token authentication is off on this cluster" in checks["auth"]["reason"]
+    finally:
+        _end_session(open_head.process.pid)
+        open_head.log.close()
 
 
 def test_raylm_prepares_trains_and_tunes_on_the_head_with_nothing_exported(head):

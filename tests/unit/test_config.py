@@ -1,4 +1,5 @@
 import math
+import re
 import subprocess
 import sys
 
@@ -148,3 +149,22 @@ def test_run_dir_is_made_absolute_where_the_config_is_loaded(tmp_path, monkeypat
     # Re-validated on a worker with another working directory, it stays where the user meant.
     monkeypatch.chdir("/")
     assert Config.model_validate(cfg.model_dump()).run.dir == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"run:\n  name: caf\xe9\n", r"not UTF-8 text \(byte 0xe9 at line 2, column 12\)"),
+        (b"run:\n  name: a\x07b\n", r"character U\+0007 at line 2, column 10 is not allowed in YAML"),
+    ],
+)
+def test_a_config_file_that_is_no_text_is_named(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: {message}"):
+        load_config(path)
+
+
+def test_a_config_file_that_cannot_be_read_is_named():
+    with pytest.raises(ConfigError, match=r"/proc/self/mem: cannot read the config file"):
+        load_config("/proc/self/mem")  # a file, whose read fails (as root, a chmod would not stop it)

@@ -1,22 +1,15 @@
-"""raylm doctor's checks that need no cluster: versions, auth mode, the size of a job upload."""
+"""raylm doctor's checks that need no cluster: versions, the size of a job upload. (The auth check asks the
+cluster: tests/multinode/test_ray_start.py.)"""
 
 import pytest
 
-from raylm.doctor import auth, upload, upload_size, versions
+from raylm.doctor import upload, upload_size, versions
 
 
 def test_versions_are_checked_against_raylms_own_requirements():
     found = {f.check: f for f in versions()}
     assert set(found) == {"version: ray", "version: torch", "version: transformers"}
     assert found["version: ray"].status == "ok" and found["version: ray"].reason.startswith("2.60")
-
-
-def test_auth_mode(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert auth().status == "ok"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    finding = auth()
-    assert finding.status == "warn" and "anyone who reaches the cluster's ports" in finding.reason
 
 
 def test_upload_counts_what_a_job_would_ship(tmp_path, monkeypatch):

@@ -21,13 +21,25 @@ from raylm.runs import stage_config
             "https://acct.blob.example/c?sv=2024&sig=abc%2Fdef&X-Amz-Credential=AK&X-Amz-Security-Token=T",
             "https://acct.blob.example/c?sv=2024&sig=***&X-Amz-Credential=***&X-Amz-Security-Token=***",
         ),
-        ("https://user@host/a?page=2", "https://user@host/a?page=2"),
+        ("https://ghp_TOKEN123@github.com/org/repo", "https://***@github.com/org/repo"),  # a token as user name
+        ("https://host/a?page=2&pass=hunter2", "https://host/a?page=2&pass=***"),
+        ("https://host/cb#access_token=TOK&state=x", "https://host/cb#access_token=***&state=x"),
+        ("https://host/a?page=2#section", "https://host/a?page=2#section"),
         ("gs://bucket/runs", "gs://bucket/runs"),
         ("/local/path?key=not-a-uri", "/local/path?key=not-a-uri"),
     ],
 )
 def test_uris_lose_their_secrets_and_keep_the_rest(uri, expected):
     assert redact_uri(uri) == expected
+
+
+def test_messages_lose_the_secrets_of_every_uri_they_echo():
+    from raylm.redact import redact_text
+
+    message = "cannot read 'https://ghp_T0K@github.com/x.jsonl' nor s3://b/k?secret_key=S3CR3T (no such file)"
+    assert redact_text(message) == (
+        "cannot read 'https://***@github.com/x.jsonl' nor s3://b/k?secret_key=*** (no such file)"
+    )
 
 
 def test_secret_fields_are_redacted_special_tokens_and_key_files_are_not():

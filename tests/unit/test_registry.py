@@ -434,3 +434,30 @@ def test_a_crash_between_registering_and_promoting_is_finished_by_a_rerun(tmp_pa
     register(registry, "lm", make_checkpoint(tmp_path / "c2", seed=2), {})
     promote(registry, "lm:2")
     assert run_register(cfg)["best"] == "lm:2"
+
+
+def test_cli_explains_what_it_cannot_do_in_one_line(tmp_path, cli):
+    """No traceback for a reference that is no version, a corrupt aliases.json, an export nowhere writable, a run.dir
+    nowhere writable (exit 2, before any cluster starts)."""
+    from raylm.cli import app
+
+    cfg = registry_config(tmp_path)
+    overrides = [f"run.dir={cfg.run.dir}", "run.name=a", "registry.name=lm"]
+    checkpoint = make_checkpoint(tmp_path / "c1", seed=1)
+    register(RunPaths.of(cfg).registry, "tiny", checkpoint, {})
+    shown = cli.invoke(app, ["models", "show", "tiny:²", *overrides])
+    assert shown.exit_code == 1 and "'tiny:²': tiny has versions [1]" in shown.stderr, shown.output
+    (tmp_path / "runs" / "registry" / "tiny" / "aliases.json").write_text("{oops")
+    for verb in (["models", "list"], ["models", "show", "tiny:best"], ["models", "promote", "tiny:1"]):
+        result = cli.invoke(app, [*verb, *overrides])
+        assert result.exit_code == 1 and "aliases.json is corrupt" in result.stderr, (verb, result.output)
+        assert "Traceback" not in result.output
+
+    (tmp_path / "a-file").write_text("not a directory")
+    exported = cli.invoke(app, ["export", str(checkpoint), str(tmp_path / "a-file" / "out")])
+    assert exported.exit_code == 1 and f"cannot export {checkpoint} to {tmp_path / 'a-file' / 'out'}" in exported.stderr
+    assert "Traceback" not in exported.output
+    for verb in ("prepare", "train", "register"):
+        result = cli.invoke(app, [verb, f"run.dir={tmp_path / 'a-file' / 'runs'}", "run.name=a"])
+        assert result.exit_code == 2, (verb, result.output)
+        assert f"run.dir={tmp_path / 'a-file' / 'runs'} is not writable from here" in result.stderr

@@ -60,3 +60,56 @@ def test_a_job_that_shipped_raylm_hands_the_same_package_to_its_workers(monkeypa
     assert shipped_package_runtime_env(shipped, tmp_path) == {"py_modules": [str(shipped.resolve())]}
     # A job whose raylm is installed on the node (not in the shipped working dir) needs nothing shipped.
     assert shipped_package_runtime_env(shipped, tmp_path / "elsewhere") is None
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import signal
+
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(REPO)  # raylm submit ships the checkout it runs in
+    handler = signal.getsignal(signal.SIGTERM)
+    yield CliRunner()
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _nowhere() -> str:
+    from tests.conftest import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # no Jobs API listens there
+
+
+def test_a_bad_override_is_refused_before_anything_is_sent(cli):
+    from raylm.cli import app
+
+    result = cli.invoke(app, ["submit", "train", "--address", _nowhere(), "train.lr=-1"])
+    assert result.exit_code == 2 and "train.lr" in result.stderr, result.output  # not the unreachable cluster's 1
+    result = cli.invoke(app, ["submit", "train", "-c", "jobs/configs/nope.yaml", "--address", _nowhere()])
+    assert result.exit_code == 2 and "config file not found" in result.stderr, result.output
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.paths=['s3://bucket/corpus.jsonl?secret_key=wJalrSECRET']",
+        "train.mlflow_tracking_uri=https://user:hunter2SECRET@mlflow.example",
+        "data.paths=['https://ghp_SECRETtoken@raw.example/corpus.txt']",
+    ],
+)
+def test_credentials_in_overrides_are_refused_and_never_echoed(cli, override):
+    from raylm.cli import app
+
+    result = cli.invoke(app, ["submit", "prepare", "--address", _nowhere(), override])
+    assert result.exit_code == 2 and "carries a credential" in result.stderr, result.output
+    assert "SECRET" not in result.output
+
+
+def test_an_unreachable_jobs_api_is_one_line(cli):
+    from raylm.cli import app
+
+    address = _nowhere()
+    result = cli.invoke(app, ["submit", "prepare", "--address", address])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"raylm: raylm submit: the Jobs API at {address} did not take the request")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output

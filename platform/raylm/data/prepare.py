@@ -27,7 +27,7 @@ from raylm.data.pack import COUNTS, SPLITS, BlockCarry, TokenizePack
 from raylm.data.shards import MANIFEST, ShardWriter, read_manifest, token_dtype
 from raylm.data.sources import DataError, fingerprint_files, fingerprint_hf, list_input_files, read_documents
 from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_source_hash
-from raylm.progress import progress, say
+from raylm.progress import plain, progress, say
 from raylm.runs import RunPaths, claim_stage, stage_config, write_json
 from raylm.storage import Location
 
@@ -55,13 +55,13 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
     if reusable:
         manifest = read_manifest(data_dir)
         if manifest.get("source") == source:
-            say(f"prepare: cache hit, reusing the shards in {data_dir}")
+            say(f"prepare: cache hit, reusing the shards in {plain(data_dir)}")
             return summarize(data_dir, manifest, cache="hit")
         say("prepare: the inputs changed since these shards were made: rebuilding them")
         (data_dir / MANIFEST).unlink()
     started = time.monotonic()
     docs = read_documents(cfg.data, files)
-    say(f"prepare: {_describe_source(cfg, files)} -> {data_dir}")
+    say(f"prepare: {plain(_describe_source(cfg, files))} -> {plain(data_dir)}")
     with _ordered_execution(), tempfile.TemporaryDirectory(prefix="raylm-tokenizer-") as local:
         tokenizer = build_tokenizer(cfg.data.tokenizer, _text_batches(docs), Path(local))
         (data_dir / "tokenizer").upload(Path(local))

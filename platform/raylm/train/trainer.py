@@ -21,7 +21,7 @@ from rich.markup import escape
 from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
 from raylm.config import Config
 from raylm.data.shards import read_manifest
-from raylm.progress import progress, say
+from raylm.progress import plain, progress, say
 from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
 from raylm.storage import Location
 from raylm.train.checkpoint import checkpoint_dirs, choose_checkpoint, read_checkpoint_manifest, resume_warning
@@ -127,7 +127,7 @@ def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[st
     _, reusable = claim_stage(cfg, "train", restart)
     check_same_shards(cfg, "train", manifest, reusable)
     if reusable and (paths.train / RESULT_FILE).is_file():
-        say(f"train: run '{cfg.run.name}' already finished; reusing {paths.train}")
+        say(f"train: run '{cfg.run.name}' already finished; reusing {plain(paths.train)}")
         return read_json(paths.train / RESULT_FILE)
     resumed = reusable and any(paths.train.glob("checkpoint_*"))
     gpus = f" + {cfg.train.gpus_per_worker:g} GPU" if cfg.train.gpus_per_worker else ""
