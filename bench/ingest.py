@@ -44,14 +44,14 @@ def bench_per_worker(config: dict) -> None:
     cfg = validate_config(config["cfg"])
     torch.set_num_threads(config["threads"])
     manifest = read_manifest(Path(config["data_dir"]))
-    tokens_per_row = manifest["seq_len"]
-    tok = manifest["tokenizer"]
-    model = build_model(cfg.model, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], tok["pad_id"])
+    tokens_per_row = manifest.seq_len
+    tok = manifest.tokenizer
+    model = build_model(cfg.model, tok.vocab_size, manifest.seq_len, tok.eos_id, tok.pad_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     micro = cfg.train.micro_batch()
     tokens_per_batch = micro * tokens_per_row
-    epoch_batches = manifest["splits"]["train"]["blocks"] // micro
+    epoch_batches = manifest.train_blocks // micro
     # One stream, as in training (it holds several epochs): delivery windows and the real loop pull from it in turn.
     total_steps = (config["repeats"] + 2) * epoch_batches // cfg.train.grad_accum_steps() + 1
     stream = rank_dataset(config["data_dir"], cfg.train.seed, cfg.train.batch_size, 1, 0, 0, total_steps)

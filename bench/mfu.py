@@ -57,12 +57,12 @@ def bare_run(cfg: Config, data_dir: str, steps: int, warmup: int, repeats: int) 
 
     device = torch.device("cuda" if cfg.train.gpus_per_worker else "cpu")
     manifest = read_manifest(data_dir)
-    tok, seq_len = manifest["tokenizer"], manifest["seq_len"]
+    tok, seq_len = manifest.tokenizer, manifest.seq_len
     blocks = torch.from_numpy(read_split_blocks(data_dir, "train").astype(np.int64)).to(device)
     torch.manual_seed(0)
-    model = build_model(cfg.model, tok["vocab_size"], seq_len, tok["eos_id"], tok["pad_id"]).to(device)
+    model = build_model(cfg.model, tok.vocab_size, seq_len, tok.eos_id, tok.pad_id).to(device)
     flops = flops_per_token(model, seq_len)
-    facts = {"params": sum(p.numel() for p in model.parameters()), "vocab": tok["vocab_size"], "seq_len": seq_len}
+    facts = {"params": sum(p.numel() for p in model.parameters()), "vocab": tok.vocab_size, "seq_len": seq_len}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
     )

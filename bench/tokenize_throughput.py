@@ -11,9 +11,9 @@ corpus 8x larger (start-up costs cancel out), and `platform_startup_s` is what t
 Raw `encode_batch` tokens/s over documents already in memory (read chunk by chunk, the reading not timed) is
 reported as the limit. Peak RSS of the driver and every Ray process is sampled during the platform runs (small and
 large corpus). `startup_share` is the fixed cost's share of a platform run: the corpus is large enough for the ratio
-to be the steady state's once it is under 5% (128 MB on 2 cores: bench/README.md).
+to be the steady state's once it is under 5% (256 MB on 2 cores: bench/README.md).
 
-    python bench/tokenize_throughput.py --megabytes 128 --repeats 3   # the figure (start-up under 5%)
+    python bench/tokenize_throughput.py --megabytes 256 --repeats 3   # the figure (start-up under 5%)
     python bench/tokenize_throughput.py            # 32 MB corpus (and 4 MB), 5 repeats
     python bench/tokenize_throughput.py --quick    # 8 MB (and 1 MB), 3 repeats, about two minutes on 2 cores
 """
@@ -75,19 +75,23 @@ def peer_prepare(files: list[str], tokenizer_file: str, seq_len: int, rows_per_s
     return tokens
 
 
-def raw_encode_rate(files: list[str], tokenizer_file: str, chunk: int = 256) -> float:
-    """`encode_batch` alone, on all cores, over the corpus in chunks of documents read beforehand (reading is not
-    timed): one call over the whole corpus would hold every Encoding in memory at once."""
+def raw_encode_rate(files: list[str], tokenizer_file: str, chunk_bytes: int = 16 << 20) -> float:
+    """`encode_batch` alone, on all cores, over the corpus in chunks of about `chunk_bytes` of documents read
+    beforehand (reading is not timed): one call over the whole corpus would hold every Encoding in memory at once,
+    and chunks this large keep every core busy to the end of each call."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    tokens, seconds = 0, 0.0
-    for start in range(0, len(files), chunk):
-        texts = [Path(f).read_text(errors="replace") for f in files[start : start + chunk]]
-        started = time.perf_counter()
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        seconds += time.perf_counter() - started
-        tokens += sum(len(e.ids) for e in encodings)
+    tokens, seconds, texts, size = 0, 0.0, [], 0
+    for index, path in enumerate(files):
+        texts.append(Path(path).read_text(errors="replace"))
+        size += len(texts[-1])
+        if size >= chunk_bytes or index == len(files) - 1:
+            started = time.perf_counter()
+            encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+            seconds += time.perf_counter() - started
+            tokens += sum(len(e.ids) for e in encodings)
+            texts, size = [], 0
     return tokens / seconds
 
 

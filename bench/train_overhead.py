@@ -59,11 +59,11 @@ def bare_tokens_per_s(cfg: Config, data_dir: str, threads: int, steps: int) -> f
 
     torch.set_num_threads(threads)
     manifest = read_manifest(data_dir)
-    tok = manifest["tokenizer"]
+    tok = manifest.tokenizer
     blocks = torch.from_numpy(read_split_blocks(data_dir, "train").astype(np.int64))
     train = cfg.train
     torch.manual_seed(train.seed)
-    model = build_model(cfg.model, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], tok["pad_id"])
+    model = build_model(cfg.model, tok.vocab_size, manifest.seq_len, tok.eos_id, tok.pad_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, steps))
     order = torch.randperm(len(blocks))
@@ -82,7 +82,7 @@ def bare_tokens_per_s(cfg: Config, data_dir: str, threads: int, steps: int) -> f
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         assert math.isfinite(loss.item())  # a .item() per step, as a real loop logs its loss
-    return steps * batch * manifest["seq_len"] / (time.perf_counter() - started)
+    return steps * batch * manifest.seq_len / (time.perf_counter() - started)
 
 
 def main() -> None:

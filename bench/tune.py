@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO / "platform"))
 from raylm.cluster import local_cores, ray_session  # noqa: E402
 from raylm.config import load_config  # noqa: E402
 from raylm.data.prepare import run_prepare  # noqa: E402
-from raylm.runs import RunPaths, read_json  # noqa: E402
-from raylm.tune import run_tune  # noqa: E402
+from raylm.runs import RunPaths  # noqa: E402
+from raylm.storage import read_json  # noqa: E402
+from raylm.tune.sweep import run_tune  # noqa: E402
 
 WITHIN = 0.01  # "within 1% of the best either sweep found"
 

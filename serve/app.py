@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from raylm.cluster import local_cores
 from raylm.config import load_config
-from raylm.serving.app import build_app as build_model_app
-from raylm.serving.server import app_options, deployment_options, model_source
+from raylm.serving.server import compose_app
 
 
 def build_app(args: dict[str, str]):
@@ -28,9 +27,7 @@ def build_app(args: dict[str, str]):
     model = args.pop("model", None)
     overrides = [f"{key}={value}" for key, value in args.items()] + ([f"serve.model={model}"] if model else [])
     cfg = load_config(config, overrides)
-    return build_model_app(
-        model_source(cfg), app_options(cfg, threads=cfg.serve.threads or local_cores()), deployment_options(cfg.serve)
-    )
+    return compose_app(cfg, threads=cfg.serve.threads or local_cores())
 
 
 app = build_app

@@ -117,7 +117,7 @@ def register_untrained_model(cfg, data: dict, name: str, seed: int = 0, chat_tem
     import torch
 
     from raylm.models import build_model
-    from raylm.registry import register
+    from raylm.registry.store import register
     from raylm.runs import RunPaths
     from raylm.train.checkpoint import save_checkpoint
 

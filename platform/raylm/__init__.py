@@ -1,10 +1,15 @@
-"""raylm: from a text corpus to a served language model on Ray."""
+"""raylm: from a text corpus to a served language model on Ray.
+
+Importing the package has one side effect, on purpose: it sets the process environment raylm runs with
+(`cluster.prepare_environment`: token auth on, Ray Data's and Serve's settings, quiet progress bars). Ray reads
+`RAY_AUTH_MODE` once, when it is first imported, and several modules import Ray at module level, so this must happen
+before any of them; every `raylm.*` import goes through here first.
+"""
 
 import logging
 
 from raylm.cluster import prepare_environment
 
-# Ray reads RAY_AUTH_MODE once, when it is first imported: set raylm's defaults before any module imports ray.
 prepare_environment()
 
 # With torchao installed (serve.quantize), transformers imports it for every model it builds; torchao then logs that

@@ -11,16 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from raylm.config import Config
-
-if TYPE_CHECKING:
-    from raylm.storage import Location
 
 INGEST_CPUS = 2
 """Logical CPUs of the embedded cluster left free for Ray Data (reading shards, tokenizing)."""
@@ -85,153 +80,24 @@ def plan_resources(
     )
 
 
-class UnplaceableError(ValueError):
-    """The cluster cannot ever place what the config asks for (it would otherwise wait forever)."""
-
-
-def nodes_not_seeing(directory: Location) -> list[str]:
-    """The alive nodes that cannot see a file written into `directory` from here (OSError if it cannot be
-    written)."""
-    marker = directory / f".raylm-shared-{uuid.uuid4().hex}"
-    marker.write_text("written by the driver; every node must see it")
-    try:
-        return nodes_missing(marker)
-    finally:
-        marker.unlink()
-
-
-def nodes_missing(marker: Location) -> list[str]:
-    """The alive nodes from which `marker` (a file under run.dir) cannot be read: a task pinned to each node looks.
-    A run on several nodes needs run.dir on storage they share (NFS, an object store); a local directory on one
-    node is invisible to the others, and their checkpoints would be lost."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from raylm.storage import Location
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return Location.parse(path).is_file()
-
-    checks = {
-        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})": sees.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        ).remote(str(marker))
-        for node in ray.nodes()
-        if node.get("Alive")
-    }
-    return [node for node, seen in zip(checks, ray.get(list(checks.values()), timeout=120), strict=True) if not seen]
-
-
-class StorageNotShared(ValueError):
-    """run.dir is not visible from every node of a multi-node cluster."""
-
-
-def check_run_dir_shared(root: Location) -> None:
-    """On a cluster of several nodes, fail before a run starts unless every node sees run.dir: a marker is written
-    here and read from each node. (One node: nothing to check.)"""
-    import ray
-
-    if sum(1 for node in ray.nodes() if node.get("Alive")) < 2:
-        return
-    missing = nodes_not_seeing(root)
-    if missing:
-        raise StorageNotShared(
-            f"run.dir={root.parent} is not seen from node(s) {', '.join(missing)}: a run on several nodes needs "
-            "run.dir on storage they all share (NFS, s3://, gs://), or the workers' checkpoints are lost"
-        )
-
-
-def check_placeable(workers: int, cpus_per_worker: int, gpus_per_worker: float = 0) -> None:
-    """Fail fast when `workers` x `cpus_per_worker` CPUs (and GPUs) can never fit in the cluster."""
-    import ray
-
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    if gpus_per_worker:
-        gpus = [node["Resources"].get("GPU", 0) for node in nodes]
-        if max(gpus, default=0) < gpus_per_worker or sum(gpus) < workers * gpus_per_worker:
-            raise UnplaceableError(
-                f"train.num_workers={workers} x train.gpus_per_worker={gpus_per_worker:g} GPUs, but the cluster "
-                f"has {sum(gpus):g} GPUs (largest node {max(gpus, default=0):g})"
-            )
-    largest = max((node["Resources"].get("CPU", 0) for node in nodes), default=0)
-    total = sum(node["Resources"].get("CPU", 0) for node in nodes)
-    if cpus_per_worker > largest:
-        raise UnplaceableError(
-            f"a training worker needs {cpus_per_worker} CPUs (train.cpus_per_worker) but the largest node has "
-            f"{largest:g}"
-        )
-    needed = workers * cpus_per_worker
-    if needed > total:
-        raise UnplaceableError(
-            f"train.num_workers={workers} x {cpus_per_worker} CPUs = {needed} CPUs, but the cluster has {total:g}: "
-            "lower train.num_workers or train.cpus_per_worker"
-        )
-
-
-def start_data_stats_actor() -> None:
-    """Start Ray Data's one-per-cluster stats actor from the driver, before any training worker runs a dataset.
-
-    The first dataset anyone runs creates it, as a detached actor; created from a training worker it inherits the
-    worker's placement group and pins it for good: that trial's (or run's) CPUs are never given back, and on a
-    small cluster the next sweep trial waits forever for them."""
-    import ray
-
-    try:
-        from ray.data._internal.stats import get_or_create_stats_actor  # private: Ray is pinned (pyproject)
-    except ImportError:  # a later Ray: any dataset run from here creates it
-        ray.data.range(1).materialize()
-        return
-    ray.get(get_or_create_stats_actor().__ray_ready__.remote())
-
-
 def target_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def worker_env() -> dict[str, str]:
     """Variables raylm's Ray workers need whoever started the cluster: set in this process for an embedded cluster,
-    and in the runtime env of a job on a cluster raylm connects to.
-
-    Ray Data's executors share the cluster's CPUs and object store through one coordinator, each renewing its
-    request every 10 s. An executor that dies without shutting down (the training worker of a trial ASHA stopped, a
-    killed worker) keeps its share until its request expires, 180 s by default: the next trial's data stream is
-    held to what the dead one leaves, and its training waits for blocks. At 30 s the share comes back within about
-    50 s (the coordinator purges every 20 s). Measured in a 4-trial sweep on 2 cores, the same trial after a stop:
-    2,850 tokens/s (80 s) at 180 s, 8,600 tokens/s (49 s) at 30 s."""
+    and in the runtime env of a job on a cluster raylm connects to. Ray Data's executors that die without shutting
+    down (a stopped trial's) keep their share of the cluster until their request expires: 30 s instead of Ray's 180 s
+    (measured in bench/README.md, "Sweeps")."""
     return {
         "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": os.environ.get("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
     }
 
 
-TRAIN_RESERVATION_PREFIX = "train-"
-
-
-def release_train_reservation(run_id: str) -> None:
-    """Give back the CPUs a Ray Train run reserved with Ray Data's coordinator, once the run is gone.
-
-    Ray 2.60's Train controller reserves its worker group's resources there (high priority, a fixed 180 s expiry,
-    renewed every 20 s) and cancels the reservation only when it shuts down cleanly. A Tune trial that is stopped
-    (ASHA, or its budget) is ended with its actor, the controller dies with it, and on a small cluster the next
-    trial's Ray Data stream gets no CPU until the reservation expires: measured on 2 cores, trials after a stopped
-    one trained at 2,300-4,300 tokens/s for their first minute instead of ~10,000. Cancelling a run that already
-    ended cleanly, or twice, does nothing. Fire and forget: the reservation is only a share, and expires anyway."""
-    import ray
-
-    try:
-        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    except ValueError:
-        return  # no coordinator, so nothing reserved
-    coordinator.cancel_request.remote(requester_id=TRAIN_RESERVATION_PREFIX + run_id)
-
-
-# Ray Serve's throughput-optimized mode (user code and router on the replica's main loop, buffered request logs) and
-# gRPC from the HTTP proxy to the replicas: together the no-op route costs 1.8 ms over bare uvicorn on 2 cores instead
-# of 7.6 ms (bench/serve.py). gRPC is asked for by name because Ray 2.60 derives the proxy's transport before the
-# throughput mode turns gRPC on (py-spy showed Ray actor calls on every request). Without the experimental direct
-# ingress: the HTTP proxy stays, so host, port, queue limits and timeouts mean what they say. prepare_environment
-# gives them to the processes of an embedded cluster; a `ray start` cluster needs them in that command's environment
-# (cluster.yaml's start commands carry each one: tests/unit/test_shipped_configs.py).
+# Ray Serve's throughput-optimized mode and gRPC from the HTTP proxy to the replicas (asked for by name: Ray 2.60
+# derives the proxy's transport before that mode turns it on), without the experimental direct ingress, so host, port,
+# queue limits and timeouts mean what they say. Measured in bench/README.md ("Serving"). prepare_environment gives
+# them to an embedded cluster; a `ray start` cluster needs them in that command's environment (cluster.yaml).
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",

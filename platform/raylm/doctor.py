@@ -15,8 +15,9 @@ from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 from typing import Any, Literal
 
-from raylm.cluster import ResourcePlan, UnplaceableError, check_placeable
+from raylm.cluster import ResourcePlan
 from raylm.config import Config
+from raylm.nodes import UnplaceableError, check_placeable, nodes_not_seeing
 from raylm.runs import RunPaths
 
 CHECKED_PACKAGES = ("ray", "torch", "transformers")
@@ -66,7 +67,6 @@ def resources(cfg: Config, plan: ResourcePlan) -> Finding:
 
 def storage(cfg: Config) -> list[Finding]:
     """`run.dir` writable from here, and visible from every node of the cluster."""
-    from raylm.cluster import nodes_not_seeing
 
     root = RunPaths.of(cfg).root.parent
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import ModelSection
+from raylm.errors import UsageError
 
 GPT2_PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the demo: trains in seconds on a laptop CPU.
@@ -30,7 +31,7 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
 PRESETS = {**GPT2_PRESETS, **LLAMA_PRESETS}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """The model directory or hub id cannot be loaded as asked (missing, pickle-only weights, ...)."""
 
 

@@ -13,10 +13,10 @@ from raylm.cluster import ResourcePlan
 from raylm.config import Config
 from raylm.data.prepare import run_prepare
 from raylm.progress import plain, say
-from raylm.registry import run_register
+from raylm.registry.register import run_register
 from raylm.serving.server import api_key, complete, start_serving, stop_serving
 from raylm.train.trainer import run_train
-from raylm.tune import run_tune
+from raylm.tune.sweep import run_tune
 
 
 def run_pipeline(

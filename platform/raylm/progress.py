@@ -17,6 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from raylm.redact import redact_text
+
 console = Console(stderr=True, highlight=False)
 if not console.is_terminal:
     # A log (`ray job logs`, CI, a file) has no width: rich would cut every progress line at 80 columns.
@@ -24,7 +26,7 @@ if not console.is_terminal:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
     """Yields `update(completed=None, info="")`: set the count done and a free-text status."""
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
     if total is not None:
@@ -47,7 +49,6 @@ def plain(value: object) -> str:
 
 
 def say(message: str) -> None:
-    from raylm.redact import redact_text
 
     # soft_wrap: long paths stay on one line (copyable) instead of being wrapped at 80 columns in logs.
     console.print(redact_text(message), soft_wrap=True)

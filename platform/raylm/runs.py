@@ -12,20 +12,20 @@ results become unexplainable.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from raylm.config import Config, ConfigError, fingerprint
-from raylm.redact import public_config
-from raylm.storage import Location
+from raylm.config import Config
+from raylm.digests import fingerprint
+from raylm.errors import ConfigError, UsageError
+from raylm.redact import public_config, redact_uri
+from raylm.storage import Location, read_json, write_json
 
 STAGE_FILE = "stage.json"
 
 
-class StageConflict(RuntimeError):
+class StageConflict(UsageError):
     """An existing stage directory was made with a different config."""
 
 
@@ -110,7 +110,6 @@ def _conflict(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool, s
 def check_run_dir_writable(cfg: Config) -> None:
     """Fail with the field named, before any cluster work, when this process cannot write under run.dir (the driver
     writes stage markers, results and the registry there)."""
-    from raylm.redact import redact_uri
 
     probe = Location.parse(cfg.run.dir) / f".raylm-write-test-{uuid.uuid4().hex[:8]}"
     try:
@@ -146,14 +145,12 @@ def claim_stage(cfg: Config, stage: str, restart: bool) -> tuple[Location, bool]
     return directory, reusable
 
 
-def check_same_shards(cfg: Config, stage: str, manifest: dict[str, Any], reusable: bool) -> None:
-    """A stage that resumes must go on with the shards it started on. Preparing again with changed inputs (the same
-    data config, other file contents) rebuilds the shards, and a resumed run would silently mix two datasets."""
-    from raylm.data.shards import shards_fingerprint  # runs.py stays importable without the data stack
-
+def check_same_shards(cfg: Config, stage: str, digest: str, reusable: bool) -> None:
+    """A stage that resumes must go on with the shards it started on (`digest`: their fingerprint). Preparing again
+    with changed inputs (the same data config, other file contents) rebuilds the shards, and a resumed run would
+    silently mix two datasets."""
     directory = getattr(RunPaths.of(cfg), STAGES[stage][0])
     marker = directory / SHARDS_FILE
-    digest = shards_fingerprint(manifest)
     if reusable and marker.is_file() and read_json(marker)["manifest"] != digest:
         raise StageConflict(
             f"{stage}: run '{cfg.run.name}' started on other shards than those in {RunPaths.of(cfg).data} now "
@@ -170,12 +167,3 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return found
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def write_json(path: Location | Path, value: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    Location.parse(path).write_text(json.dumps(value, indent=2, default=str))
-
-
-def read_json(path: Location | Path) -> Any:
-    return json.loads(Location.parse(path).read_text())

@@ -9,10 +9,12 @@ uploaded, or on a downloaded copy.
 from __future__ import annotations
 
 import fnmatch
+import json
 import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -129,6 +131,13 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def read_json(self) -> Any:
+        return json.loads(self.read_text())
+
+    def write_json(self, value: Any) -> None:
+        """Atomically, where the filesystem can: a reader sees the old file or the new one, never half of one."""
+        self.write_text(json.dumps(value, indent=2, default=str))
+
     def unlink(self, missing_ok: bool = True) -> None:
         if self.is_file() or not missing_ok:
             self.fs.delete_file(self.path)
@@ -172,3 +181,11 @@ class Location:
         local_dir.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self.path, str(local_dir), self.fs, pafs.LocalFileSystem())
         return local_dir
+
+
+def read_json(path: Location | Path | str) -> Any:
+    return Location.parse(path).read_json()
+
+
+def write_json(path: Location | Path | str, value: Any) -> None:
+    Location.parse(path).write_json(value)

@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raylm.doctor import upload_size, upload_verdict
+from raylm.errors import RunError, UsageError
+from raylm.redact import redact_text, secret_field
+
 JOB_SCRIPTS = {
     "prepare": "jobs/prepare_data.py",
     "train": "jobs/train.py",
@@ -30,19 +34,18 @@ adds, where `/data` is the code of `raylm.data`: the workers could not import it
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(ValueError):
+class SubmitError(UsageError):
     """The job cannot be submitted as asked (an unknown stage, credentials in an override, an upload over Ray's
     limit): exit 2."""
 
 
-class ClusterUnreachable(RuntimeError):
+class ClusterUnreachable(RunError):
     """The Jobs API did not answer, or refused us (401 without Ray's token): exit 1."""
 
 
 def check_overrides(overrides: list[str]) -> None:
     """Refuse credentials in override values: the job's command line sits in Ray's job table and on its dashboard
     in clear. They belong in the cluster's environment (AWS_*, a mounted key file), not in the command."""
-    from raylm.redact import redact_text, secret_field
 
     for item in overrides:
         key, _, value = item.partition("=")
@@ -74,7 +77,6 @@ def runtime_env(directory: Path) -> dict[str, Any]:
 
 def check_upload(directory: Path) -> int:
     """The upload's size in bytes; SubmitError when Ray would refuse it."""
-    from raylm.doctor import upload_size, upload_verdict
 
     size = upload_size(directory)  # one walk of the tree: the verdict and the size reported come from it
     finding = upload_verdict(size)

@@ -14,8 +14,10 @@ def test_bf16_fused_adamw_compiled_step_and_exact_restore(tmp_path):
 
     from raylm.config import ModelSection
     from raylm.models import build_model
+    from raylm.tasks.causal_lm import lm_loss
     from raylm.train.checkpoint import restore_checkpoint, save_checkpoint
-    from raylm.train.loop import lm_loss, mixed_precision, optimizer_step, warmup_cosine
+    from raylm.train.evaluate import mixed_precision
+    from raylm.train.loop import optimizer_step, warmup_cosine
 
     device = torch.device("cuda")
     amp = mixed_precision("auto", device)

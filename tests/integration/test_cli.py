@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,29 @@ def test_submit_waits_for_the_job_and_prints_its_logs(ray_cluster, tmp_path):
     assert "prepare:" in result.stderr  # the job's own log, printed once it ended
     bad = subprocess.run([*RAYLM, "submit", "serve", "--address", dashboard], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "no job for 'serve'" in bad.stderr
+
+
+@pytest.mark.parametrize("verb", ["train", "tune"])
+def test_a_users_mistake_found_inside_a_worker_or_a_trial_exits_2_with_its_message(prepared, tmp_path, verb):
+    import ray
+
+    """A model directory with pickle weights only is refused where the model is built: inside each Train worker (and
+    so inside each sweep trial). Ray wraps the error on its way back; raylm still says it in one line, exit 2."""
+    cfg, _ = prepared
+    address = ray.get_runtime_context().gcs_address
+    pickled = tmp_path / "pickled-model"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "gpt2"}')
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    overrides = [*tiny_overrides(Path(cfg.run.dir)), f"run.name={verb}-mistake", "train.max_failures=0"]
+    overrides += [f"model.pretrained={pickled}"]
+    if verb == "tune":
+        overrides += ['tune.space={"train.lr": {"grid": [1e-3, 3e-3]}}', "tune.scheduler=grid"]
+        overrides += ["tune.budget_tokens=512"]
+    shutil.copytree(Path(cfg.run.dir) / "t" / "data", Path(cfg.run.dir) / f"{verb}-mistake" / "data")
+    result = subprocess.run(
+        [*RAYLM, verb, "--address", address, *overrides], cwd=REPO, capture_output=True, text=True, timeout=280
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"raylm: {pickled} has no .safetensors weights (pickle weights are not loaded)", last

@@ -1,9 +1,10 @@
 """raylm doctor against the real test cluster: everything ok for a config that fits; a run.dir that cannot be
 written, a marker no node can see, and a training run larger than the cluster each fail with the reason."""
 
-from raylm.cluster import nodes_missing, plan_resources
+from raylm.cluster import plan_resources
 from raylm.config import load_config
 from raylm.doctor import run_doctor
+from raylm.nodes import nodes_missing
 from raylm.storage import Location
 from tests.conftest import REPO, tiny_overrides
 

@@ -6,7 +6,7 @@ import pytest
 from raylm.cluster import plan_resources
 from raylm.config import load_config
 from raylm.pipeline import run_pipeline
-from raylm.registry import resolve
+from raylm.registry.aliases import resolve
 from raylm.runs import RunPaths
 from tests.conftest import tiny_overrides
 

@@ -38,24 +38,24 @@ def test_counts_are_exact_and_every_token_lands_once(prepared):
         for doc in kept:
             if split_of(doc, cfg.data.seed, cfg.data.val_fraction) == split:
                 stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        info = manifest["splits"][split]
+        info = manifest.split(split)
         blocks = read_split_blocks(data_dir, split)
-        assert info["tokens"] == len(stream)
-        assert blocks.shape == (info["blocks"], block_len)
-        assert info["blocks"] == len(stream) // block_len, "only the split's last partial block is dropped"
-        assert info["blocks"] * block_len + info["dropped_tokens"] == len(stream)
+        assert info.tokens == len(stream)
+        assert blocks.shape == (info.blocks, block_len)
+        assert info.blocks == len(stream) // block_len, "only the split's last partial block is dropped"
+        assert info.blocks * block_len + info.dropped_tokens == len(stream)
         # Exactly once: the blocks hold a sub-multiset of the stream, missing only the dropped tokens.
         missing = Counter(stream) - Counter(blocks.reshape(-1).tolist())
-        assert sum(missing.values()) == info["dropped_tokens"]
+        assert sum(missing.values()) == info.dropped_tokens
         assert not Counter(blocks.reshape(-1).tolist()) - Counter(stream)
     # Each split's blocks hold exactly its own documents' tokens, and a document's split is a function of its
     # text: train and validation share no document.
-    assert manifest["splits"]["val"]["blocks"] > 0 and manifest["splits"]["train"]["blocks"] > 0
+    assert manifest.val_blocks > 0 and manifest.train_blocks > 0
     for split in ("train", "val"):
-        rows = [shard["rows"] for shard in manifest["splits"][split]["shards"]]
+        rows = manifest.shard_rows(split)
         assert all(r == cfg.data.rows_per_shard for r in rows[:-1]) and 0 < rows[-1] <= cfg.data.rows_per_shard
-    assert manifest["dtype"] == "uint16"
-    assert manifest["tokenizer"]["vocab_size"] == len(tokenizer)
+    assert manifest.dtype == "uint16"
+    assert manifest.tokenizer.vocab_size == len(tokenizer)
 
 
 def test_rerun_is_a_cache_hit(prepared):
@@ -177,7 +177,7 @@ def test_same_seed_same_shards(ray_cluster, tmp_path):
         a = read_split_blocks(pathlib.Path(first["data_dir"]), split)
         b = read_split_blocks(pathlib.Path(second["data_dir"]), split)
         assert np.array_equal(a, b)
-    tokenizers = [read_manifest(pathlib.Path(s["data_dir"]))["tokenizer"]["hash"] for s in (first, second)]
+    tokenizers = [read_manifest(pathlib.Path(s["data_dir"])).tokenizer.hash for s in (first, second)]
     assert tokenizers[0] == tokenizers[1]
 
 
@@ -209,7 +209,7 @@ def test_a_local_tokenizer_directory_is_loaded_not_trained(prepared, tmp_path):
     _, first = prepared
     tokenizer_dir = pathlib.Path(first["data_dir"]) / "tokenizer"
     summary = _prepare(tmp_path, f"data.tokenizer.path={tokenizer_dir}")
-    loaded = read_manifest(pathlib.Path(summary["data_dir"]))["tokenizer"]
-    assert loaded["source"] == str(tokenizer_dir)
-    assert loaded["hash"] == read_manifest(pathlib.Path(first["data_dir"]))["tokenizer"]["hash"]
+    loaded = read_manifest(pathlib.Path(summary["data_dir"])).tokenizer
+    assert loaded.source == str(tokenizer_dir)
+    assert loaded.hash == read_manifest(pathlib.Path(first["data_dir"])).tokenizer.hash
     assert summary["tokens"] == first["tokens"]

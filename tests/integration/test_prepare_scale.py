@@ -64,8 +64,7 @@ def test_prepare_on_three_nodes_matches_one_node(prepared, tmp_path):
             read_split_blocks(Path(multi["data_dir"]), split), read_split_blocks(Path(single["data_dir"]), split)
         )
     assert (
-        read_manifest(Path(multi["data_dir"]))["tokenizer"]["hash"]
-        == read_manifest(Path(single["data_dir"]))["tokenizer"]["hash"]
+        read_manifest(Path(multi["data_dir"])).tokenizer.hash == read_manifest(Path(single["data_dir"])).tokenizer.hash
     )
 
 

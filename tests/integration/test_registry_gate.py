@@ -14,13 +14,15 @@ from raylm.config import load_config
 from raylm.data.prepare import run_prepare
 from raylm.data.shards import read_manifest, read_split_blocks
 from raylm.data.tokenizer import train_bpe
-from raylm.gate import data_identity, measure
 from raylm.models import build_model, load_pretrained
-from raylm.registry import register, resolve, run_register
-from raylm.runs import RunPaths, write_json
-from raylm.storage import Location
+from raylm.registry.aliases import resolve
+from raylm.registry.gate import data_identity, measure
+from raylm.registry.register import run_register
+from raylm.registry.store import register
+from raylm.runs import RunPaths
+from raylm.storage import Location, write_json
+from raylm.tasks.causal_lm import lm_loss
 from raylm.train.checkpoint import save_checkpoint
-from raylm.train.loop import lm_loss
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,8 +32,8 @@ def checkpoint(cfg, directory, data_dir, seed: int, train_steps: int = 0):
     """A checkpoint as training writes it, with the data dir's tokenizer: untrained, or trained a few steps on the
     data dir's train split."""
     torch.manual_seed(seed)
-    tokenizer = read_manifest(data_dir)["tokenizer"]
-    model = build_model(cfg.model, tokenizer["vocab_size"], cfg.data.seq_len, tokenizer["eos_id"], tokenizer["pad_id"])
+    tokenizer = read_manifest(data_dir).tokenizer
+    model = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, tokenizer.eos_id, tokenizer.pad_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     blocks = torch.from_numpy(read_split_blocks(data_dir, "train").astype(np.int64))
     for step in range(train_steps):

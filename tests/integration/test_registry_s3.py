@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from raylm.conditional import S3Writes
-from raylm.registry import list_models, register, resolve, set_best, weights_hash
+from raylm.registry.aliases import resolve, set_best
+from raylm.registry.store import list_models, register, weights_hash
 from raylm.storage import Location
 from tests.conftest import free_port
 from tests.unit.test_registry import make_checkpoint

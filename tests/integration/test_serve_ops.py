@@ -16,7 +16,7 @@ import pytest
 
 from raylm.cluster import plan_resources
 from raylm.config import validate_config
-from raylm.registry import set_best
+from raylm.registry.aliases import set_best
 from raylm.serving.server import start_serving, stop_serving
 from tests.conftest import register_untrained_model
 

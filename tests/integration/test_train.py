@@ -136,7 +136,7 @@ def test_two_workers_match_one_worker_at_the_same_global_batch(ray_cluster, tmp_
 def test_more_workers_than_the_cluster_can_place_fail_fast(prepared):
     import time
 
-    from raylm.cluster import UnplaceableError
+    from raylm.nodes import UnplaceableError
 
     cfg, _ = prepared
     big = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 64, "batch_size": 64})})

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from raylm.cluster import TRAIN_RESERVATION_PREFIX, plan_resources
+from raylm.cluster import plan_resources
 from raylm.config import load_config, validate_config
 from raylm.data.prepare import run_prepare
-from raylm.registry import resolve, run_register
+from raylm.nodes import TRAIN_RESERVATION_PREFIX
+from raylm.registry.aliases import resolve
+from raylm.registry.register import run_register
 from raylm.runs import RunPaths
 from raylm.train.observe import read_metrics
-from raylm.tune import run_tune
+from raylm.tune.sweep import run_tune
 from tests.conftest import interrupt_cli, tiny_overrides
 
 pytestmark = pytest.mark.timeout(600)

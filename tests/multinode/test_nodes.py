@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from raylm.cluster import StorageNotShared, check_run_dir_shared, nodes_missing, plan_resources
+from raylm.cluster import plan_resources
 from raylm.config import load_config
 from raylm.data.prepare import run_prepare
+from raylm.nodes import StorageNotShared, check_run_dir_shared, nodes_missing
 from raylm.storage import Location
 from raylm.train.trainer import run_train
 from tests.conftest import tiny_overrides

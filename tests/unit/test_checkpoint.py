@@ -11,10 +11,11 @@ import torch
 from raylm.config import ModelSection
 from raylm.data.tokenizer import train_bpe
 from raylm.models import build_model
-from raylm.registry import RegistryError, register
+from raylm.registry.store import RegistryError, register
 from raylm.storage import Location
 from raylm.train.checkpoint import (
     CHECKPOINT_MANIFEST,
+    CheckpointError,
     checkpoint_problem,
     choose_checkpoint,
     export_checkpoint,
@@ -85,7 +86,7 @@ def test_a_symbolic_link_in_a_checkpoint_is_never_followed(tmp_path):
     assert "tokenizer.json is a symbolic link" in checkpoint_problem(checkpoint)
     with pytest.raises(RegistryError, match="symbolic link"):
         register(tmp_path / "registry", "lm", checkpoint, {})
-    with pytest.raises(ValueError, match="symbolic link"):
+    with pytest.raises(CheckpointError, match="symbolic link"):
         export_checkpoint(checkpoint, tmp_path / "exported")
     assert not (tmp_path / "exported" / "tokenizer.json").exists()
 
@@ -93,5 +94,5 @@ def test_a_symbolic_link_in_a_checkpoint_is_never_followed(tmp_path):
     tokenizer.unlink()
     tokenizer.write_bytes(outside.read_bytes())
     os.symlink("/etc/hostname", checkpoint / "notes.txt")
-    with pytest.raises(ValueError, match=r"notes\.txt: a symbolic link"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt: a symbolic link"):
         export_checkpoint(checkpoint, tmp_path / "exported2")

@@ -6,7 +6,9 @@ import torch
 
 from raylm.config import ModelSection
 from raylm.models import build_model
-from raylm.train.loop import MixedPrecision, lm_loss, mixed_precision, optimizer_step, warmup_cosine
+from raylm.tasks.causal_lm import lm_loss
+from raylm.train.evaluate import MixedPrecision, mixed_precision
+from raylm.train.loop import optimizer_step, warmup_cosine
 
 
 def _setup(seed: int = 0, optimizer=torch.optim.AdamW):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from raylm.config import fingerprint, load_config
+from raylm.config import load_config
+from raylm.digests import fingerprint
 from raylm.redact import public_config, redact, redact_uri
 from raylm.runs import stage_config
 

@@ -8,22 +8,13 @@ from typer.testing import CliRunner
 
 from raylm.config import ModelSection, load_config
 from raylm.data.tokenizer import train_bpe
+from raylm.digests import tokenizer_hash
 from raylm.models import build_model, load_pretrained
-from raylm.registry import (
-    RegistryError,
-    aliases_of,
-    describe_models,
-    list_models,
-    promote,
-    register,
-    resolve,
-    run_register,
-    set_best,
-    tokenizer_hash,
-    version_aliases,
-)
-from raylm.runs import RunPaths, claim_stage, write_json
-from raylm.storage import Location
+from raylm.registry.aliases import aliases_of, describe_models, promote, resolve, set_best, version_aliases
+from raylm.registry.register import run_register
+from raylm.registry.store import RegistryError, list_models, register
+from raylm.runs import RunPaths, claim_stage
+from raylm.storage import Location, write_json
 from raylm.train.checkpoint import CHECKPOINT_MANIFEST, checkpoint_problem, save_checkpoint
 
 
@@ -186,7 +177,7 @@ def test_promotions_at_once_never_leave_the_worse_model_best(tmp_path):
 def test_registrations_at_once_each_get_a_whole_version(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from raylm.registry import weights_hash
+    from raylm.registry.store import weights_hash
 
     registry = tmp_path / "registry"
     checkpoints = [make_checkpoint(tmp_path / f"c{seed}", seed) for seed in range(4)]
@@ -412,7 +403,7 @@ def test_cli_says_why_a_model_is_not_promoted_and_promotes_by_hand(tmp_path, cli
 
 
 def test_a_crash_between_registering_and_promoting_is_finished_by_a_rerun(tmp_path, monkeypatch):
-    import raylm.registry as registry_module
+    import raylm.registry.register as registry_module
 
     cfg = registry_config(tmp_path)
     stage_trained_run(cfg, make_checkpoint(tmp_path / "c1", seed=1), val_loss=5.0)

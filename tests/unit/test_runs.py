@@ -46,15 +46,20 @@ def test_results_without_a_stage_marker_are_refused_never_deleted(tmp_path, stag
 
 
 def test_a_resumed_stage_refuses_shards_prepared_again_from_changed_inputs(tmp_path):
+    from raylm.data.shards import shards_fingerprint
 
     cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r"])
     manifest = {"format": "raylm.shards/1", "tokens": 100, "created_at": "2026-01-01", "seconds": 1.0}
+
+    def check(shards: dict, reusable: bool) -> None:
+        check_same_shards(cfg, "train", shards_fingerprint(shards), reusable)
+
     claim_stage(cfg, "train", restart=False)
-    check_same_shards(cfg, "train", manifest, reusable=False)
+    check(manifest, reusable=False)
     # Prepared again from the same inputs: only the time fields differ, the run may resume.
-    check_same_shards(cfg, "train", {**manifest, "created_at": "2026-02-02", "seconds": 9.0}, reusable=True)
+    check({**manifest, "created_at": "2026-02-02", "seconds": 9.0}, reusable=True)
     with pytest.raises(StageConflict, match=r"train: run 'r' started on other shards .* use --restart"):
-        check_same_shards(cfg, "train", {**manifest, "tokens": 101}, reusable=True)
+        check({**manifest, "tokens": 101}, reusable=True)
     # A fresh start (--restart, or nothing to reuse) records the new shards.
-    check_same_shards(cfg, "train", {**manifest, "tokens": 101}, reusable=False)
-    check_same_shards(cfg, "train", {**manifest, "tokens": 101}, reusable=True)
+    check({**manifest, "tokens": 101}, reusable=False)
+    check({**manifest, "tokens": 101}, reusable=True)

@@ -3,9 +3,10 @@
 import pytest
 
 from raylm.config import ConfigError, load_config
-from raylm.tune import Budget, build_scheduler, sweep_budget, trial_config
+from raylm.data.shards import Manifest
+from raylm.tune.sweep import Budget, build_scheduler, sweep_budget, trial_config
 
-MANIFEST = {"seq_len": 32, "splits": {"train": {"blocks": 1000}}}
+MANIFEST = Manifest.of({"seq_len": 32, "splits": {"train": {"blocks": 1000}}})
 
 
 def test_trials_are_budgeted_in_tokens_not_steps():
@@ -46,6 +47,9 @@ def test_a_grace_beyond_the_default_budget_is_refused():
     cfg = load_config(None, ["train.max_steps=10", "tune.scheduler={asha: {grace_tokens: 999999}}"])
     with pytest.raises(ConfigError, match=r"grace_tokens=999999 is more than the budget of 2560 tokens"):
         sweep_budget(cfg, MANIFEST)
+    # A budget given in the config is checked with the config, by the same rule.
+    with pytest.raises(ConfigError, match=r"grace_tokens=5000 is more than the budget of 1000 tokens"):
+        load_config(None, ["tune.budget_tokens=1000", "tune.scheduler={asha: {grace_tokens: 5000}}"])
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,7 @@ def test_swept_values_keep_their_field_type():
 
 def test_the_results_table_shows_error_text_as_written(capsys):
     """A trial's error is printed as text: rich would read "[/data/x.bin]" as a closing tag and raise."""
-    from raylm.tune_results import show_results
+    from raylm.tune.results import show_results
 
     row = {"trial_id": "t1", "train.lr": 1e-3, "steps": 4, "tokens_seen": 128, "val_loss": None, "val_ppl": None}
     rows = [

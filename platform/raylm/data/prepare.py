@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 
 from raylm.cluster import local_cores
-from raylm.config import Config, fingerprint
+from raylm.config import Config
 from raylm.data.pack import COUNTS, SPLITS, BlockCarry, TokenizePack
-from raylm.data.shards import MANIFEST, ShardWriter, read_manifest, token_dtype
+from raylm.data.shards import MANIFEST, Manifest, ShardWriter, read_manifest, token_dtype
 from raylm.data.sources import DataError, fingerprint_files, fingerprint_hf, list_input_files, read_documents
-from raylm.data.tokenizer import build_tokenizer, tokenizer_hash, tokenizer_source_hash
-from raylm.progress import plain, progress, say
-from raylm.runs import RunPaths, claim_stage, stage_config, write_json
-from raylm.storage import Location
+from raylm.data.tokenizer import build_tokenizer, tokenizer_source_hash
+from raylm.digests import fingerprint, tokenizer_hash
+from raylm.progress import plain, progress_bar, say
+from raylm.runs import RunPaths, claim_stage, stage_config
+from raylm.storage import Location, write_json
 
 BATCH_TEXT_BYTES = 256 << 10
 """Text per tokenize call: small enough that work streams and spreads over actors, large enough to amortize a
@@ -54,9 +55,9 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
     source = source_fingerprint(cfg, files)
     if reusable:
         manifest = read_manifest(data_dir)
-        if manifest.get("source") == source:
+        if manifest.source == source:
             say(f"prepare: cache hit, reusing the shards in {plain(data_dir)}")
-            return summarize(data_dir, manifest, cache="hit")
+            return prepare_summary(data_dir, manifest, cache="hit")
         say("prepare: the inputs changed since these shards were made: rebuilding them")
         (data_dir / MANIFEST).unlink()
     started = time.monotonic()
@@ -92,7 +93,7 @@ def run_prepare(cfg: Config, restart: bool = False, tokenize_actors: int | None 
         "seconds": round(time.monotonic() - started, 2),
     }
     write_json(data_dir / MANIFEST, manifest)
-    return summarize(data_dir, manifest, cache="miss")
+    return prepare_summary(data_dir, Manifest.of(manifest), cache="miss")
 
 
 def _describe_source(cfg: Config, files: list[str]) -> str:
@@ -157,7 +158,7 @@ def _tokenize_and_write(
         compute=ActorPoolStrategy(min_size=actors, max_size=actors),
     )
     started = time.monotonic()
-    with progress("tokenize + pack") as update:
+    with progress_bar("tokenize + pack") as update:
         for batch in packed.iter_batches(batch_size=None, batch_format="pyarrow"):
             _consume(batch, writers, carries, totals)
             tokens = sum(t["n_tokens"] for t in totals.values())
@@ -221,20 +222,20 @@ def _consume(batch, writers, carries, totals) -> None:
             totals[split][name] += int(pc.sum(part[name]).as_py() or 0)
 
 
-def summarize(data_dir: Location, manifest: dict[str, Any], cache: str) -> dict[str, Any]:
+def prepare_summary(data_dir: Location, manifest: Manifest, cache: str) -> dict[str, Any]:
     return {
         "stage": "prepare",
         "cache": cache,
         "data_dir": str(data_dir),
         "manifest": str(data_dir / MANIFEST),
-        "documents": manifest["documents"],
-        "empty_documents": manifest["empty_documents"],
-        "replaced_documents": manifest["replaced_documents"],
-        "bad_rows": manifest["bad_rows"],
-        "tokens": manifest["tokens"],
-        "dropped_tokens": manifest["dropped_tokens"],
-        "train_blocks": manifest["splits"]["train"]["blocks"],
-        "val_blocks": manifest["splits"]["val"]["blocks"],
-        "vocab_size": manifest["tokenizer"]["vocab_size"],
-        "seq_len": manifest["seq_len"],
+        "documents": manifest.documents,
+        "empty_documents": manifest.empty_documents,
+        "replaced_documents": manifest.replaced_documents,
+        "bad_rows": manifest.bad_rows,
+        "tokens": manifest.tokens,
+        "dropped_tokens": manifest.dropped_tokens,
+        "train_blocks": manifest.train_blocks,
+        "val_blocks": manifest.val_blocks,
+        "vocab_size": manifest.tokenizer.vocab_size,
+        "seq_len": manifest.seq_len,
     }

@@ -11,12 +11,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from raylm.config import fingerprint
-from raylm.runs import read_json
-from raylm.storage import Location
+from raylm.digests import fingerprint
+from raylm.errors import RunError
+from raylm.storage import Location, read_json
 
 MANIFEST = "manifest.json"
+
+
+class NoShards(RunError):
+    """The run has no prepared shards to train on."""
+
+
 TOKEN_COLUMN = "input_ids"
 
 
@@ -65,21 +72,95 @@ class ShardWriter:
         self.shards.append({"file": name, "rows": int(rows)})
 
 
-def shards_fingerprint(manifest: dict[str, Any]) -> str:
-    """What identifies the shards' contents: the manifest without when it was written and how long it took."""
-    return fingerprint({k: v for k, v in manifest.items() if k not in ("created_at", "seconds")})
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # what prepare records beyond what readers use is kept, not refused
 
 
-def read_manifest(data_dir: Location | Path | str) -> dict[str, Any]:
+class ShardEntry(_Record):
+    file: str
+    rows: int
+
+
+class Counts(_Record):
+    """What prepare counts, per split and over both."""
+
+    documents: int = 0
+    empty_documents: int = 0
+    replaced_documents: int = 0
+    tokens: int = 0
+    dropped_tokens: int = 0
+
+
+class SplitCounts(Counts):
+    blocks: int = 0
+    block_tokens: int = 0
+    shards: list[ShardEntry] = []
+
+
+class TokenizerRecord(_Record):
+    dir: str = "tokenizer"
+    source: str | None = None
+    hash: str | None = None
+    vocab_size: int = 0
+    eos_id: int | None = None
+    bos_id: int | None = None
+    pad_id: int | None = None
+
+
+class Manifest(Counts):
+    """`manifest.json`, as every reader of the shards sees it (written by `raylm.data.prepare`)."""
+
+    format: str = "raylm.shards/1"
+    seq_len: int = 0
+    block_len: int = 0
+    dtype: str = "uint16"
+    tokenizer: TokenizerRecord = TokenizerRecord()
+    splits: dict[str, SplitCounts] = {}
+    source: dict[str, Any] | None = None
+    bad_rows: int = 0
+    _recorded: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def of(cls, recorded: dict[str, Any]) -> Manifest:
+        manifest = cls.model_validate(recorded)
+        manifest._recorded = recorded
+        return manifest
+
+    def split(self, name: str) -> SplitCounts:
+        return self.splits.get(name, SplitCounts())
+
+    @property
+    def train_blocks(self) -> int:
+        return self.split("train").blocks
+
+    @property
+    def val_blocks(self) -> int:
+        return self.split("val").blocks
+
+    def shard_rows(self, split: str) -> list[int]:
+        return [shard.rows for shard in self.split(split).shards]
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the shards' contents: the manifest as written, without when and how long it took."""
+        recorded = self._recorded or self.model_dump()
+        return fingerprint({k: v for k, v in recorded.items() if k not in ("created_at", "seconds")})
+
+
+def shards_fingerprint(manifest: Manifest | dict[str, Any]) -> str:
+    return (manifest if isinstance(manifest, Manifest) else Manifest.of(manifest)).fingerprint
+
+
+def read_manifest(data_dir: Location | Path | str) -> Manifest:
     path = Location.parse(data_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenized shards in {data_dir} (missing {MANIFEST}): run `raylm prepare` first")
-    return read_json(path)
+        raise NoShards(f"no tokenized shards in {data_dir} (missing {MANIFEST}): run `raylm prepare` first")
+    return Manifest.of(read_json(path))
 
 
-def shard_files(data_dir: Location | Path | str, manifest: dict[str, Any], split: str) -> list[Location]:
+def shard_files(data_dir: Location | Path | str, manifest: Manifest, split: str) -> list[Location]:
     directory = Location.parse(data_dir) / split
-    return [directory / shard["file"] for shard in manifest["splits"][split]["shards"]]
+    return [directory / shard.file for shard in manifest.split(split).shards]
 
 
 def read_split_blocks(data_dir: Location | Path | str, split: str) -> np.ndarray:
@@ -87,10 +168,10 @@ def read_split_blocks(data_dir: Location | Path | str, split: str) -> np.ndarray
     manifest = read_manifest(data_dir)
     files = shard_files(data_dir, manifest, split)
     if not files:
-        return np.empty((0, manifest["block_len"]), dtype=manifest["dtype"])
+        return np.empty((0, manifest.block_len), dtype=manifest.dtype)
     table = pq.read_table([f.path for f in files], columns=[TOKEN_COLUMN], filesystem=files[0].fs)
     column = table.column(TOKEN_COLUMN).combine_chunks()
-    return column.flatten().to_numpy().reshape(-1, manifest["block_len"])
+    return column.flatten().to_numpy().reshape(-1, manifest.block_len)
 
 
 def read_split(data_dir: Location | Path | str, split: str, seed: int | None = None):

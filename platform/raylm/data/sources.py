@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from raylm.config import DataSection
+from raylm.errors import RunError
 from raylm.storage import Location
 
 OK, BAD, REPLACED = 0, 1, 2
@@ -32,7 +33,7 @@ CHUNK_BYTES = 4 << 20
 ROWS_PER_BLOCK = 8192
 
 
-class DataError(ValueError):
+class DataError(RunError):
     """A problem with the corpus (a missing file, a bad line); the message names the file and line."""
 
 

@@ -7,13 +7,13 @@ actors load its `tokenizer.json` with the light `tokenizers` library.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from raylm.config import TokenizerSection
 from raylm.data.sources import DataError
+from raylm.digests import tokenizer_hash
 
 EOS_TOKEN = TokenizerSection.model_fields["eos_token"].default
 PAD_TOKEN = TokenizerSection.model_fields["pad_token"].default
@@ -83,10 +83,6 @@ def build_tokenizer(section: TokenizerSection, text_batches: Iterable[list[str]]
         )
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
-
-
-def tokenizer_hash(directory: Path) -> str:
-    return hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()[:16]
 
 
 def tokenizer_source_hash(section: TokenizerSection) -> str | None:

@@ -18,11 +18,13 @@ import logging
 import os
 from pathlib import Path
 
+from raylm.errors import UsageError
+
 API_KEY_ENV = "RAYLM_API_KEY"
 logger = logging.getLogger("ray.serve")
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(UsageError):
     """Serving was asked for something unsafe or impossible (a public bind without an API key, ...)."""
 
 

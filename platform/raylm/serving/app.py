@@ -145,12 +145,15 @@ class LMServer:
         if not self.engine.alive:
             raise RuntimeError("the decoding thread died")
 
-    def _model_for(self, requested: str | None) -> LoadedModel:
+    def _model_for(self, requested: str | None, route: str) -> LoadedModel:
         loaded = self.loaded  # one snapshot per request: a swap mid-request does not mix tokenizers
         if requested is not None and requested not in loaded.names:
             raise ClientError(
                 404, f"model {requested!r} is not served here; try {sorted(loaded.names)}", "model", "model_not_found"
             )
+        if route not in loaded.task.routes:
+            name = loaded.resolved.name
+            raise ClientError(400, f"{name} is a {loaded.task.name} model: it does not serve {route}", "model", "task")
         return loaded
 
     # -- routes --------------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class LMServer:
         started = time.monotonic()
         self._authorize(request)
         params = parse(CompletionRequest, await json_body(request))
-        loaded = self._model_for(params.model)
+        loaded = self._model_for(params.model, "completions")
         texts = params.prompts
         for index, text in enumerate(texts):
             what = "prompt" if isinstance(params.prompt, str) else f"prompt {index}"
@@ -195,7 +198,7 @@ class LMServer:
         started = time.monotonic()
         self._authorize(request)
         params = parse(ChatCompletionRequest, await json_body(request))
-        loaded = self._model_for(params.model)
+        loaded = self._model_for(params.model, "chat")
         messages = [(m.role, m.text) for m in params.messages]
         size = sum(len(text) for _, text in messages)
         text, template_stops = await off_the_loop(lambda: render_chat(loaded.tokenizer, messages), size)

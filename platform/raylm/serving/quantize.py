@@ -13,8 +13,10 @@ import warnings
 import torch
 from torch import nn
 
+from raylm.errors import RunError
 
-class QuantizeError(RuntimeError):
+
+class QuantizeError(RunError):
     """Quantization was asked for and cannot be done here."""
 
 

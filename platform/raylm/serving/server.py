@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raylm.cluster import ResourcePlan
+from raylm.cluster import ResourcePlan, quiet_logger
 from raylm.config import Config, ServeSection
 from raylm.runs import RunPaths
 from raylm.serving.access import API_KEY_ENV, ServeConfigError, check_bind, key_hash, read_api_key
+from raylm.serving.app import build_app
 from raylm.serving.source import ModelSource, resolve_source
 
 APP_NAME = "raylm"
@@ -55,6 +56,12 @@ def app_options(cfg: Config, threads: int) -> dict[str, Any]:
     }
 
 
+def compose_app(cfg: Config, threads: int):
+    """The Serve application for `cfg`: the model, the replica's options, Serve's deployment options. The one place it
+    is put together, for `raylm serve` and for Serve's own tooling (`serve run serve.app:app`, `serve deploy`)."""
+    return build_app(model_source(cfg), app_options(cfg, threads), deployment_options(cfg.serve))
+
+
 def deployment_options(section: ServeSection, cpus_per_replica: float = 1) -> dict[str, Any]:
     """Serve's options for the deployment: replicas (or autoscaling), how many requests a replica takes and how
     many may wait (a finite queue: overload gets a fast 503 with Retry-After), health checks and shutdown."""
@@ -82,17 +89,13 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
     """Deploy the model and return once `/healthz` answers. The app runs until `stop_serving` (or the cluster) ends."""
     from ray import serve
 
-    from raylm.cluster import quiet_logger
-    from raylm.serving.app import build_app
-
     quiet_logger("ray.serve")
     source = model_source(cfg)
     model = resolve_source(source)  # fail here, with the registry's message, before deploying anything
-    options = app_options(cfg, cfg.serve.threads or plan.cpus_per_worker)
-    check_bind(cfg.serve.host, options["api_key_sha256"] is not None, "serve.host")  # before Serve binds anything
+    check_bind(cfg.serve.host, api_key(cfg.serve) is not None, "serve.host")  # before Serve binds anything
     serve.start(http_options=http_options(cfg.serve))
     _check_http_options(cfg.serve)
-    serve.run(build_app(source, options, deployment_options(cfg.serve)), name=APP_NAME, route_prefix="/")
+    serve.run(compose_app(cfg, cfg.serve.threads or plan.cpus_per_worker), name=APP_NAME, route_prefix="/")
     url = local_url(cfg.serve.host, cfg.serve.port)
     wait_until_healthy(url, timeout_s)
     return {
@@ -103,7 +106,7 @@ def start_serving(cfg: Config, plan: ResourcePlan, timeout_s: float = 120) -> di
         "version": model.version,
         "follows": source.ref if source.follows_alias and cfg.serve.reload_interval_s > 0 else None,
         "model_dir": str(model.path),
-        "api_key_required": options["api_key_sha256"] is not None,
+        "api_key_required": api_key(cfg.serve) is not None,
         "metrics_url": metrics_url(),
     }
 

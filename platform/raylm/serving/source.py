@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylm.registry import resolve, version_aliases
+from raylm.registry.aliases import resolve, version_aliases
+from raylm.serving.admission import longest_token
+from raylm.tasks import get_task
 
 FOLLOWED_TAGS = ("", "latest", "best")
 
@@ -89,6 +91,8 @@ class LoadedModel:
     names: set[str] = field(default_factory=set)
     longest_token: int = 1
     """Characters in the tokenizer's longest vocabulary entry (`serving.admission`'s bound before tokenizing)."""
+    task: Any = field(default_factory=get_task)
+    """What the model does (`raylm.tasks`): which routes it answers."""
 
 
 def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = None) -> LoadedModel:
@@ -96,7 +100,6 @@ def load_model(resolved: ResolvedModel, threads: int, quantize: str | None = Non
     from transformers import AutoTokenizer
 
     from raylm.models import context_length, load_pretrained
-    from raylm.serving.admission import longest_token
     from raylm.serving.quantize import quantize_int8
 
     torch.set_num_threads(threads)

@@ -15,22 +15,56 @@ stopping at the first good one), registered or exported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
-from raylm.runs import read_json, write_json
-from raylm.storage import Location
+from raylm.digests import sha256_of
+from raylm.errors import RunError
+from raylm.storage import Location, read_json, write_json
 
 CHECKPOINT_FORMAT = "raylm.checkpoint/2"
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be used as asked (incomplete, corrupt, holding a link) or a target already taken."""
+
+
 CHECKPOINT_MANIFEST = "raylm_checkpoint.json"
 TRAIN_STATE = "train_state.pt"
 MODEL_FILES = ("config.json", "model.safetensors")
+
+
+@dataclass
+class Position:
+    """Where a run stands in its data and steps: what a checkpoint records so that resuming continues exactly here."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    samples_consumed: int = 0
+    epoch: int = 0
+    ledgers: list[dict[str, Any]] | None = None
+    """Every rank's ledger of the blocks it trained on (at the last evaluation)."""
+    workers: list[dict[str, Any]] | None = None
+    """Every rank's facts (node, device, peak memory) at the last evaluation."""
+
+    @classmethod
+    def recorded(cls, manifest: dict[str, Any]) -> Position:
+        return cls(**{k: manifest[k] for k in ("step", "tokens_seen", "samples_consumed", "epoch") if k in manifest})
+
+    def advance(self, batch_size: int, tokens: int, train_blocks: int) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.samples_consumed = self.step * batch_size
+        self.epoch = self.samples_consumed // train_blocks
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def save_checkpoint(
@@ -39,7 +73,7 @@ def save_checkpoint(
     tokenizer_dir: Path,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    position: dict[str, Any],
+    position: Position | dict[str, Any],
     metrics: dict[str, Any],
     scaler=None,
 ) -> None:
@@ -62,18 +96,10 @@ def save_checkpoint(
         for p in sorted(directory.iterdir())
         if p.name != CHECKPOINT_MANIFEST
     }
+    recorded = position.record() if isinstance(position, Position) else position
     write_json(
-        directory / CHECKPOINT_MANIFEST,
-        {"format": CHECKPOINT_FORMAT, **position, "metrics": metrics, "files": files},
+        directory / CHECKPOINT_MANIFEST, {"format": CHECKPOINT_FORMAT, **recorded, "metrics": metrics, "files": files}
     )
-
-
-def sha256_of(path: Location) -> str:
-    digest = hashlib.sha256()
-    with path.fs.open_input_stream(path.path) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manifest(directory: Location) -> tuple[dict[str, Any] | None, str | None]:
@@ -120,7 +146,7 @@ def copy_model_files(checkpoint: Location, target: Location) -> None:
     """The checkpoint as a plain Hugging Face model directory: model, config, tokenizer; no optimizer state."""
     links = [item for item in checkpoint.iterdir() if _is_link(item)]
     if links:  # never followed: a link could point anywhere on this machine
-        raise ValueError(f"refusing to copy {links[0]}: a symbolic link (a checkpoint holds regular files only)")
+        raise CheckpointError(f"refusing to copy {links[0]}: a symbolic link (a checkpoint holds regular files only)")
     target.mkdir()
     for item in checkpoint.iterdir():
         if item.is_file() and item.name not in (TRAIN_STATE, CHECKPOINT_MANIFEST):
@@ -132,9 +158,9 @@ def export_checkpoint(checkpoint: Location | Path | str, out_dir: Location | Pat
     checkpoint, out_dir = Location.parse(checkpoint), Location.parse(out_dir)
     problem = checkpoint_problem(checkpoint, verify=True)
     if problem:
-        raise ValueError(f"cannot export an incomplete or corrupt checkpoint: {problem}")
+        raise CheckpointError(f"cannot export an incomplete or corrupt checkpoint: {problem}")
     if out_dir.exists() and out_dir.iterdir():
-        raise ValueError(f"{out_dir} exists and is not empty")
+        raise CheckpointError(f"{out_dir} exists and is not empty")
     copy_model_files(checkpoint, out_dir)
     return out_dir
 

@@ -72,7 +72,7 @@ def rank_dataset(
     manifest = read_manifest(data_dir)
     plan = {
         "data_dir": data_dir,
-        "shard_rows": [shard["rows"] for shard in manifest["splits"]["train"]["shards"]],
+        "shard_rows": manifest.shard_rows("train"),
         "seed": seed,
         "window_shards": WINDOW_SHARDS,
         "start_step": start_step,
@@ -108,7 +108,7 @@ class DataLedger:
 def expected_ledger(data_dir: str, seed: int, global_batch: int, world_size: int, rank: int, steps: int) -> DataLedger:
     """The ledger of a rank that trained on exactly its share of steps `1..steps`, computed from the order alone."""
     manifest = read_manifest(data_dir)
-    order = DataOrder(tuple(shard["rows"] for shard in manifest["splits"]["train"]["shards"]), seed, WINDOW_SHARDS)
+    order = DataOrder(tuple(manifest.shard_rows("train")), seed, WINDOW_SHARDS)
     per_rank = global_batch // world_size
     ledger = DataLedger()
     for step in range(steps):

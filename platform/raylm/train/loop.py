@@ -21,22 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raylm.config import Config, validate_config
-from raylm.data.shards import TOKEN_COLUMN, read_manifest, read_split_blocks
+from raylm.data.shards import TOKEN_COLUMN, Manifest, read_manifest
+from raylm.errors import RunError
 from raylm.models import build_model
-from raylm.redact import redact
 from raylm.storage import Location
-from raylm.train.checkpoint import checkpoint_problem, restore_checkpoint, save_checkpoint
+from raylm.tasks import get_task
+from raylm.tasks.causal_lm import lm_loss
+from raylm.train.checkpoint import Position, checkpoint_problem, restore_checkpoint, save_checkpoint
+from raylm.train.evaluate import MixedPrecision, evaluate, mixed_precision, val_share
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
-from raylm.train.observe import LOGS_DIR, RunLogger, peak_gpu_mib, peak_rss_mib
-
-
-def lm_loss(model, blocks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of blocks of `seq_len + 1` tokens (inputs are all but the last token)."""
-    logits = model(input_ids=blocks[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1), reduction=reduction)
+from raylm.train.observe import memory_metrics, run_logger, worker_facts
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
@@ -45,35 +41,10 @@ def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.1):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        done = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     return factor
-
-
-@dataclass
-class MixedPrecision:
-    """Autocast for the forward pass (weights, gradients and optimizer stay fp32) and, for fp16, a gradient scaler."""
-
-    device_type: str = "cpu"
-    dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    name: str = "fp32"
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-
-def mixed_precision(precision: str, device: torch.device) -> MixedPrecision:
-    """`train.precision` on this device: `auto` is bf16 on a GPU that supports it, else fp32."""
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if bf16 else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
-    return MixedPrecision(device.type, dtype, scaler, precision)
 
 
 def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
@@ -86,61 +57,56 @@ def train_batches(stream, micro_batch: int, device: torch.device) -> Iterator[tu
     raise RuntimeError("the training stream ended before the last step")
 
 
-@torch.no_grad()
-def evaluate(
-    model,
-    share: torch.Tensor,
-    batch_size: int,
-    world_size: int = 1,
-    amp: MixedPrecision | None = None,
-) -> dict[str, float]:
-    """Mean loss over every token of the validation split: each rank passes its disjoint `share` of the blocks
-    (`val_share`), and the loss sums and token counts are all-reduced."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=share.device)
-    for start in range(0, len(share), batch_size):
-        batch = share[start : start + batch_size].long()
-        with (amp or MixedPrecision()).autocast():
-            sums[0] += lm_loss(model, batch, reduction="sum").item()
-        sums[1] += batch[:, 1:].numel()
-    if world_size > 1:
-        torch.distributed.all_reduce(sums)
-    model.train()
-    loss = (sums[0] / sums[1].clamp(min=1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+@dataclass
+class WorkerRun:
+    """One rank's training run, set up once: what every step, evaluation and checkpoint uses."""
 
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    manifest: Manifest
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    amp: MixedPrecision
+    task: Any
+    total_steps: int
 
-def val_share(data_dir: Location, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's validation blocks (every `world_size`-th from `rank`), kept in the shards' compact dtype: a
-    rank holds 1/world of the split, read once and evaluated in place each time (re-streaming it through Ray Data
-    per evaluation costs seconds each time)."""
-    # A copy: the blocks come from Arrow's read-only buffers, which torch must not wrap (it warns, rightly).
-    return torch.from_numpy(np.array(read_split_blocks(data_dir, "val")[rank::world_size]))
+    @property
+    def raw_model(self):
+        """The model without its DDP wrapper: what is evaluated and checkpointed."""
+        return getattr(self.model, "module", self.model)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    run = _set_up_per_worker(config)
+    position, ledger = _restore_per_worker(run, config, ray.train.get_checkpoint())
+    run.model = ray.train.torch.prepare_model(run.model)
+    _train_per_worker(run, config, position, ledger)
+
+
+def _set_up_per_worker(config: dict[str, Any]) -> WorkerRun:
+    import ray.train
+    import ray.train.torch
+
     cfg: Config = validate_config(config["cfg"])
     train = cfg.train
-    data_dir: Location = config["data_dir"]
-    run_dir: Location = config["run_dir"]
     torch.set_num_threads(config["threads"])
     # TF32 for whatever matmuls stay in fp32 on a GPU (the bf16 autocast path does not need it).
     torch.set_float32_matmul_precision("high")
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    manifest = read_manifest(data_dir)
-    tokenizer = manifest["tokenizer"]
-    total_steps = train.total_steps(manifest["splits"]["train"]["blocks"])
-
+    manifest = read_manifest(config["data_dir"])
+    tokenizer = manifest.tokenizer
+    total_steps = train.total_steps(manifest.train_blocks)
     torch.manual_seed(train.seed)
-    model = build_model(
-        cfg.model, tokenizer["vocab_size"], manifest["seq_len"], tokenizer["eos_id"], tokenizer["pad_id"]
-    ).to(device)  # before the optimizer exists, so that its state lives where the parameters do
-    amp = mixed_precision(train.precision, device)
+    model = build_model(cfg.model, tokenizer.vocab_size, manifest.seq_len, tokenizer.eos_id, tokenizer.pad_id).to(
+        device
+    )  # before the optimizer exists, so that its state lives where the parameters do
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=train.lr,
@@ -149,83 +115,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         fused=device.type == "cuda",  # one kernel for the whole update on GPU
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, total_steps))
-    position: dict[str, Any] = {"step": 0, "tokens_seen": 0}
-    ledger = DataLedger()
-    source = _resume_source(config, ray.train.get_checkpoint())
-    if source:
-        local = source.local if source.is_local else source.download(Path(tempfile.mkdtemp(prefix="raylm-resume-")))
-        recorded = restore_checkpoint(local, model, optimizer, scheduler, amp.scaler)
-        position = {"step": recorded["step"], "tokens_seen": recorded["tokens_seen"]}
-        ledgers = recorded.get("ledgers") or []
-        # After an elastic resize the ranks read other slices: their ledgers start afresh.
-        if len(ledgers) == world:
-            ledger = DataLedger(**ledgers[rank])
-    model = ray.train.torch.prepare_model(model)
-    raw_model = getattr(model, "module", model)
-    progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
-    logger = _run_logger(cfg, run_dir) if rank == 0 else None
+    amp = mixed_precision(train.precision, device)
+    rank, world = context.get_world_rank(), context.get_world_size()
+    return WorkerRun(cfg, rank, world, device, manifest, model, optimizer, scheduler, amp, get_task(), total_steps)
 
+
+def _restore_per_worker(run: WorkerRun, config: dict[str, Any], latest) -> tuple[Position, DataLedger]:
+    """The position and this rank's ledger to go on from: the chosen checkpoint's, loaded into the model,
+    optimizer, scheduler and RNG, or a fresh start."""
+    source = _resume_source(config, latest)
+    if not source:
+        return Position(), DataLedger()
+    local = source.local if source.is_local else source.download(Path(tempfile.mkdtemp(prefix="raylm-resume-")))
+    recorded = restore_checkpoint(local, run.model, run.optimizer, run.scheduler, run.amp.scaler)
+    ledgers = recorded.get("ledgers") or []
+    # After an elastic resize the ranks read other slices: their ledgers start afresh.
+    ledger = DataLedger(**ledgers[run.rank]) if len(ledgers) == run.world else DataLedger()
+    return Position.recorded(recorded), ledger
+
+
+def _train_per_worker(run: WorkerRun, config: dict[str, Any], position: Position, ledger: DataLedger) -> None:
+    train, data_dir, manifest = run.cfg.train, config["data_dir"], run.manifest
+    logger = run_logger(run.cfg, config["run_dir"]) if run.rank == 0 else None
+    board = _step_board(config.get("step_board")) if run.rank == 0 else None
     # Compiled: the forward pass and the loss as one graph (the cross-entropy fuses with the logits instead of
     # materialising them in fp32). The module itself is untouched, so checkpoints stay plain HF directories, and
     # evaluation runs eagerly (no recompilation for eval mode or a short last batch).
-    loss_fn = torch.compile(lm_loss) if train.compile else lm_loss
-    micro, accum = train.micro_batch(world), train.grad_accum_steps(world)
-    stream = rank_dataset(data_dir, train.seed, train.batch_size, world, rank, position["step"], total_steps)
-    batches = train_batches(stream, micro, device)
-    rows = manifest["splits"]["train"]["blocks"]
-    val_blocks = val_share(data_dir, rank, world).to(device)
-    tokens_per_step = train.batch_size * manifest["seq_len"]
+    loss_fn = torch.compile(run.task.loss) if train.compile else run.task.loss
+    micro, accum = train.micro_batch(run.world), train.grad_accum_steps(run.world)
+    stream = rank_dataset(data_dir, train.seed, train.batch_size, run.world, run.rank, position.step, run.total_steps)
+    batches = train_batches(stream, micro, run.device)
+    val_blocks = val_share(data_dir, run.rank, run.world).to(run.device)
+    tokens_per_step = train.batch_size * manifest.seq_len
     # Checkpoints carry the tokenizer; rank 0 keeps a local copy of it to add to each one.
     tokenizer_dir = (
-        (data_dir / tokenizer["dir"]).download(Path(tempfile.mkdtemp(prefix="raylm-tok-"))) if rank == 0 else None
+        (data_dir / manifest.tokenizer.dir).download(Path(tempfile.mkdtemp(prefix="raylm-tok-")))
+        if run.rank == 0
+        else None
     )
     window = _RateWindow()
-    while position["step"] < total_steps:
+    while position.step < run.total_steps:
         loss, grad_norm, used = optimizer_step(
-            model, optimizer, scheduler, batches, accum, train.grad_clip, amp, loss_fn
+            run.model, run.optimizer, run.scheduler, batches, accum, train.grad_clip, run.amp, loss_fn
         )
         if not math.isfinite(loss):
             # Every later step would train on NaNs (and checkpoint them): stop, and keep the last good checkpoint.
             raise TrainingDiverged(
-                f"training diverged: the loss is {loss} at step {position['step'] + 1} (train.lr={train.lr:g}); "
+                f"training diverged: the loss is {loss} at step {position.step + 1} (train.lr={train.lr:g}); "
                 "lower train.lr, raise train.warmup_steps or keep train.grad_clip on"
             )
         ledger.add(used)
-        position["step"] += 1
-        position["tokens_seen"] += tokens_per_step
-        # Where the run stands in the data: resuming at this step continues exactly here.
-        position["samples_consumed"] = position["step"] * train.batch_size
-        position["epoch"] = position["samples_consumed"] // rows
-        step = position["step"]
+        position.advance(train.batch_size, tokens_per_step, manifest.train_blocks)
         metrics = {
-            "step": step,
-            "tokens_seen": position["tokens_seen"],
+            "step": position.step,
+            "tokens_seen": position.tokens_seen,
             "train_loss": loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": window.rate(tokens_per_step),
         }
-        evaluating = step % train.eval_every == 0 or step == total_steps
+        evaluating = position.step % train.eval_every == 0 or position.step == run.total_steps
         if evaluating:
-            metrics.update(evaluate(raw_model, val_blocks, micro, world, amp))
-            workers = _gather(_worker_facts(rank, device, amp), world)
-            metrics.update(_memory_metrics(workers))
-            position["ledgers"] = _gather(ledger.state(), world)
-            position["workers"] = workers
-        if rank == 0:
-            logger.log(step, metrics)
-            if progress:
-                progress.update.remote({**metrics, "total_steps": total_steps})
+            metrics.update(evaluate(run.raw_model, val_blocks, micro, run.world, run.amp, run.task))
+            position.workers = _gather(worker_facts(run.rank, run.device, run.amp), run.world)
+            position.ledgers = _gather(ledger.state(), run.world)
+            metrics.update(memory_metrics(position.workers))
+        if logger:
+            logger.log(position.step, metrics)
+            if board:
+                board.update.remote({**metrics, "total_steps": run.total_steps})
         if evaluating:
             if logger:
                 logger.flush()
-            _report(metrics, rank, raw_model, tokenizer_dir, optimizer, scheduler, position, amp.scaler)
+            _report(run, metrics, position, tokenizer_dir)
             window.restart()  # evaluation and checkpointing are not training throughput
     if logger:
         logger.close()
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """The loss became NaN or infinite."""
 
 
@@ -283,38 +251,6 @@ def optimizer_step(
     return loss_value, norm_value, np.concatenate(rows)
 
 
-def _worker_facts(rank: int, device: torch.device, amp: MixedPrecision) -> dict[str, Any]:
-    import ray
-
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return {
-        "rank": rank,
-        "node": ray.get_runtime_context().get_node_id()[:12],
-        "device": str(device),
-        "precision": amp.name,
-        "backend": torch.distributed.get_backend() if distributed else None,
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "peak_gpu_mib": None if (gpu := peak_gpu_mib(device)) is None else round(gpu, 1),
-    }
-
-
-def _memory_metrics(workers: list[dict[str, Any]]) -> dict[str, float]:
-    """Rank 0's peak memory as `peak_rss_mib` (and GPU), and every rank's as `rank<N>_peak_rss_mib`."""
-    metrics: dict[str, float] = {"peak_rss_mib": workers[0]["peak_rss_mib"]}
-    if workers[0]["peak_gpu_mib"] is not None:
-        metrics["peak_gpu_mib"] = workers[0]["peak_gpu_mib"]
-    for worker in workers:
-        metrics[f"rank{worker['rank']}_peak_rss_mib"] = worker["peak_rss_mib"]
-    return metrics
-
-
-def _run_logger(cfg: Config, run_dir: Location) -> RunLogger:
-    params = {f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items()}
-    params.update({"model.preset": cfg.model.preset, "model.pretrained": cfg.model.pretrained})
-    params = redact(params)  # MLflow stores its params: no tracking-URI password in them
-    return RunLogger(run_dir / LOGS_DIR, cfg.train.tensorboard, cfg.train.mlflow_tracking_uri, cfg.run.name, params)
-
-
 def _gather(value: Any, world_size: int) -> list[Any]:
     """Every rank's `value`, in rank order, on every rank."""
     if world_size == 1:
@@ -324,14 +260,24 @@ def _gather(value: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def _report(metrics, rank, model, tokenizer_dir, optimizer, scheduler, position, scaler) -> None:
+def _report(run: WorkerRun, metrics: dict[str, Any], position: Position, tokenizer_dir: Path | None) -> None:
+    """Every rank reports (the reports are collective); rank 0 attaches the checkpoint."""
     import ray.train
 
-    if rank != 0:
+    if run.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
-        save_checkpoint(Path(directory), model, tokenizer_dir, optimizer, scheduler, position, metrics, scaler)
+        save_checkpoint(
+            Path(directory),
+            run.raw_model,
+            tokenizer_dir,
+            run.optimizer,
+            run.scheduler,
+            position.record(),
+            metrics,
+            run.amp.scaler,
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -345,7 +291,7 @@ def _resume_source(config: dict[str, Any], latest) -> Location | None:
     return config["resume_from"]
 
 
-def _progress_actor(name: str | None):
+def _step_board(name: str | None):
     if not name:
         return None
     import ray

@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from raylm.config import Config
+from raylm.redact import redact
 from raylm.storage import Location
 
 LOGS_DIR = "logs"
@@ -169,3 +171,37 @@ def save_figure(fig, target: Location) -> None:
     fig.savefig(buffer, format="png")
     target.write_bytes(buffer.getvalue())
     plt.close(fig)
+
+
+def worker_facts(rank: int, device, amp) -> dict[str, Any]:
+    """What a rank reports of itself at each evaluation: where it runs, how, and its peak memory so far."""
+    import ray
+    import torch
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return {
+        "rank": rank,
+        "node": ray.get_runtime_context().get_node_id()[:12],
+        "device": str(device),
+        "precision": amp.name,
+        "backend": torch.distributed.get_backend() if distributed else None,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_gpu_mib": None if (gpu := peak_gpu_mib(device)) is None else round(gpu, 1),
+    }
+
+
+def memory_metrics(workers: list[dict[str, Any]]) -> dict[str, float]:
+    """Rank 0's peak memory as `peak_rss_mib` (and GPU), and every rank's as `rank<N>_peak_rss_mib`."""
+    metrics: dict[str, float] = {"peak_rss_mib": workers[0]["peak_rss_mib"]}
+    if workers[0]["peak_gpu_mib"] is not None:
+        metrics["peak_gpu_mib"] = workers[0]["peak_gpu_mib"]
+    for worker in workers:
+        metrics[f"rank{worker['rank']}_peak_rss_mib"] = worker["peak_rss_mib"]
+    return metrics
+
+
+def run_logger(cfg: Config, run_dir: Location) -> RunLogger:
+    params = {f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items()}
+    params.update({"model.preset": cfg.model.preset, "model.pretrained": cfg.model.pretrained})
+    params = redact(params)  # MLflow stores its params: no tracking-URI password in them
+    return RunLogger(run_dir / LOGS_DIR, cfg.train.tensorboard, cfg.train.mlflow_tracking_uri, cfg.run.name, params)

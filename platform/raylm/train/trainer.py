@@ -18,22 +18,23 @@ from typing import Any
 from ray.train import TrainingFailedError
 from rich.markup import escape
 
-from raylm.cluster import ResourcePlan, check_placeable, check_run_dir_shared, start_data_stats_actor
+from raylm.cluster import ResourcePlan
 from raylm.config import Config
-from raylm.data.shards import read_manifest
-from raylm.progress import plain, progress, say
-from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
-from raylm.storage import Location
+from raylm.errors import RunError
+from raylm.progress import progress_bar, say
+from raylm.runs import RunPaths
+from raylm.storage import Location, read_json, write_json
 from raylm.train.checkpoint import checkpoint_dirs, choose_checkpoint, read_checkpoint_manifest, resume_warning
 from raylm.train.loop import train_loop_per_worker
 from raylm.train.observe import LOGS_DIR, LOSS_CURVE, plot_loss_curve, read_metrics
+from raylm.train.stage import start_training_stage
 
 RESULT_FILE = "result.json"
 # How often an elastic run checks whether more workers could be placed (Ray's default is 60 s).
 ELASTIC_RESIZE_INTERVAL_S = float(os.environ.get("RAYLM_ELASTIC_RESIZE_INTERVAL_S", "60"))
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(RunError):
     """Training stopped on worker failures beyond `train.max_failures`; the message names the workers."""
 
 
@@ -62,7 +63,7 @@ def build_trainer(
     name: str,
     cpus_per_worker: int,
     callbacks: list | None = None,
-    progress_actor: str | None = None,
+    step_board: str | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -80,7 +81,7 @@ def build_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "data_dir": data_dir,  # Locations: any filesystem, with its options (an S3 endpoint, ...)
             "threads": cpus_per_worker,
-            "progress_actor": progress_actor,
+            "step_board": step_board,
             "run_dir": run_dir,
             "resume_from": chosen,
             "known_checkpoints": [c.name for c in checkpoint_dirs(run_dir)],
@@ -119,30 +120,24 @@ def scaling_config(cfg: Config, cpus_per_worker: int):
 
 def run_train(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str, Any]:
     paths = RunPaths.of(cfg)
-    manifest = read_manifest(paths.data)  # fail before starting workers when there is nothing to train on
-    total_steps = cfg.train.total_steps(manifest["splits"]["train"]["blocks"])
-    check_placeable(cfg.train.min_workers, plan.cpus_per_worker, gpus_per_worker=cfg.train.gpus_per_worker)
-    check_run_dir_shared(paths.root)
-    start_data_stats_actor()
-    _, reusable = claim_stage(cfg, "train", restart)
-    check_same_shards(cfg, "train", manifest, reusable)
-    if reusable and (paths.train / RESULT_FILE).is_file():
-        say(f"train: run '{cfg.run.name}' already finished; reusing {plain(paths.train)}")
-        return read_json(paths.train / RESULT_FILE)
-    resumed = reusable and any(paths.train.glob("checkpoint_*"))
+    start = start_training_stage(cfg, "train", restart, plan.cpus_per_worker, RESULT_FILE)
+    if start.finished is not None:
+        return start.finished
+    total_steps = cfg.train.total_steps(start.manifest.train_blocks)
+    resumed = start.reusable and bool(checkpoint_dirs(paths.train))
     gpus = f" + {cfg.train.gpus_per_worker:g} GPU" if cfg.train.gpus_per_worker else ""
     say(
         f"train: {cfg.train.workers_label} worker(s) x {plan.cpus_per_worker} CPU{gpus}, {total_steps} steps"
         + (" (resuming from the last checkpoint)" if resumed else "")
     )
     started = time.monotonic()
-    with live_progress(total_steps) as actor_name:
-        trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, progress_actor=actor_name)
+    with step_display(total_steps) as board:
+        trainer = build_trainer(cfg, paths.data, paths.root, "train", plan.cpus_per_worker, step_board=board)
         try:
             result = fit_interruptibly(trainer)
         except TrainingFailedError as err:
             raise TrainingFailed(explain_failure(err, cfg.train.max_failures)) from err
-    summary = summarize(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
+    summary = train_summary(Location(result.checkpoint.filesystem, result.checkpoint.path), started, resumed)
     summary["loss_curve"] = _draw_loss_curve(paths.train / LOGS_DIR, cfg.run.name)
     write_json(paths.train / RESULT_FILE, summary)
     return summary
@@ -186,7 +181,7 @@ def fit_interruptibly(trainer):
     return outcome["result"]
 
 
-def summarize(checkpoint_dir: Location, started: float, resumed: bool = False) -> dict[str, Any]:
+def train_summary(checkpoint_dir: Location, started: float, resumed: bool = False) -> dict[str, Any]:
     recorded = read_checkpoint_manifest(checkpoint_dir)
     metrics = recorded["metrics"]
     return {
@@ -207,12 +202,12 @@ def summarize(checkpoint_dir: Location, started: float, resumed: bool = False) -
 
 
 @contextlib.contextmanager
-def live_progress(max_steps: int) -> Iterator[str]:
+def step_display(max_steps: int) -> Iterator[str]:
     """A progress bar on the driver fed by rank 0 through a small named actor (the workers' own output is off)."""
     import ray
 
     @ray.remote(num_cpus=0)
-    class TrainProgress:
+    class StepBoard:
         def __init__(self) -> None:
             self.latest: dict[str, Any] = {}
 
@@ -222,8 +217,8 @@ def live_progress(max_steps: int) -> Iterator[str]:
         def get(self) -> dict[str, Any]:
             return self.latest
 
-    name = f"raylm-progress-{uuid.uuid4().hex[:8]}"
-    actor = TrainProgress.options(name=name).remote()
+    name = f"raylm-steps-{uuid.uuid4().hex[:8]}"
+    actor = StepBoard.options(name=name).remote()
     done = threading.Event()
 
     def poll(update) -> None:
@@ -233,7 +228,7 @@ def live_progress(max_steps: int) -> Iterator[str]:
                 if latest:
                     update(latest.get("step", 0), _describe(latest))
 
-    with progress("train", total=max_steps) as update:
+    with progress_bar("train", total=max_steps) as update:
         poller = threading.Thread(target=poll, args=(update,), daemon=True)
         poller.start()
         try:

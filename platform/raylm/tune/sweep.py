@@ -1,4 +1,4 @@
-"""The tune stage: Ray Tune sweeps `train.*` fields (learning rate, batch size, ...) over the same shards.
+"""The sweep: Ray Tune sweeps `train.*` fields (learning rate, batch size, ...) over the same shards.
 
 Train V2 pattern: each trial runs a small driver function that builds its own `TorchTrainer` (with
 `TuneReportCallback`, which forwards rank 0's metrics and the checkpoint path to Tune) and calls `fit()`. The driver
@@ -21,22 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from raylm.cluster import (
-    ResourcePlan,
-    check_placeable,
-    check_run_dir_shared,
-    release_train_reservation,
-    start_data_stats_actor,
-)
+from raylm.cluster import ResourcePlan
 from raylm.config import Config, ConfigError, validate_config
-from raylm.data.shards import read_manifest
-from raylm.progress import plain, progress, say
-from raylm.runs import RunPaths, check_same_shards, claim_stage, read_json, write_json
-from raylm.storage import Location
+from raylm.data.shards import Manifest
+from raylm.errors import user_error
+from raylm.progress import progress_bar, say
+from raylm.runs import RunPaths
+from raylm.storage import Location, write_json
+from raylm.tasks import get_task
+from raylm.train.stage import start_training_stage
 from raylm.train.trainer import build_trainer
-from raylm.tune_results import SweepFailed, SweepInterrupted, show_results, trial_rows, write_results
+from raylm.tune.results import SweepFailed, SweepInterrupted, show_results, trial_rows, write_results
+from raylm.tune.workarounds import ReleaseEndedTrials, ReportWithTrainRunId
 
 BEST_FILE = "best.json"
 DRIVER_CPUS = 0.01
@@ -59,19 +56,14 @@ class Budget:
         return math.ceil(self.eval_tokens / (batch_size * self.seq_len))
 
 
-def sweep_budget(cfg: Config, manifest: dict[str, Any]) -> Budget:
-    seq_len = manifest["seq_len"]
-    train_blocks = manifest["splits"]["train"]["blocks"]
+def sweep_budget(cfg: Config, manifest: Manifest) -> Budget:
+    seq_len = manifest.seq_len
+    train_blocks = manifest.train_blocks
     tokens = cfg.tune.budget_tokens or cfg.train.total_steps(train_blocks) * cfg.train.batch_size * seq_len
-    asha = cfg.tune.scheduler.asha
-    grace = None
-    if asha is not None:
-        grace = asha.grace_tokens or max(1, int(tokens / asha.reduction_factor**2))
-        if grace > tokens:
-            raise ConfigError(
-                f"tune.scheduler.asha.grace_tokens={grace} is more than the budget of {tokens} tokens per trial "
-                "(tune.budget_tokens): ASHA could never stop a trial"
-            )
+    try:
+        grace = cfg.tune.asha_grace(tokens)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     eval_tokens = cfg.tune.eval_tokens or grace or max(1, tokens // 10)
     return Budget(tokens=tokens, eval_tokens=min(eval_tokens, tokens), grace_tokens=grace, seq_len=seq_len)
 
@@ -116,49 +108,6 @@ def train_driver_per_trial(
     trainer.fit()
 
 
-TRAIN_RUN_ID = "train_run_id"
-
-
-class ReportWithTrainRunId(TuneReportCallback):
-    """Tune's report callback (rank 0's metrics and the checkpoint path to the trial), plus the id of the trial's
-    Train run: the sweep's driver needs it to give back the run's reservation when Tune stops the trial."""
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        first = {**metrics[0], TRAIN_RUN_ID: run_context.run_id}
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-
-class ReleaseEndedTrials(Callback):
-    """Gives back each ended trial's Train reservation (`cluster.release_train_reservation`): at once, and again
-    once the dead controller's renewal interval (20 s) has passed, in case it renewed while it was being stopped."""
-
-    AGAIN_AFTER_S = 25.0
-
-    def __init__(self) -> None:
-        self.again_at: dict[str, float] = {}
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = (trial.last_result or {}).get(TRAIN_RUN_ID)
-        if run_id:
-            release_train_reservation(run_id)
-            self.again_at[run_id] = time.monotonic() + self.AGAIN_AFTER_S
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.on_trial_complete(iteration, trials, trial)
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        now = time.monotonic()
-        for run_id, at in list(self.again_at.items()):
-            if at <= now:
-                release_train_reservation(run_id)
-                del self.again_at[run_id]
-
-    def on_experiment_end(self, trials, **info) -> None:
-        for run_id in self.again_at:
-            release_train_reservation(run_id)
-        self.again_at.clear()
-
-
 def build_scheduler(cfg: Config, budget: Budget):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -182,7 +131,7 @@ def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, 
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    paths = RunPaths.of(cfg)
+    paths, task = RunPaths.of(cfg), get_task()
     trainable = tune.with_resources(
         tune.with_parameters(
             train_driver_per_trial,
@@ -201,8 +150,8 @@ def build_tuner(cfg: Config, plan: ResourcePlan, budget: Budget, restore: bool, 
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
+            metric=task.metric,
+            mode=task.mode,
             scheduler=build_scheduler(cfg, budget),
             num_samples=cfg.tune.samples,
             # Sampled with train.seed: the same config draws the same trials. (With a search algorithm given,
@@ -224,17 +173,11 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
     from ray import tune
 
     paths = RunPaths.of(cfg)
-    manifest = read_manifest(paths.data)  # fail before starting trials when there is nothing to train on
-    budget = sweep_budget(cfg, manifest)
-    check_placeable(cfg.train.min_workers, plan.trial_cpus_per_worker, cfg.train.gpus_per_worker)
-    check_run_dir_shared(RunPaths.of(cfg).root)
-    start_data_stats_actor()
-    _, reusable = claim_stage(cfg, "tune", restart)
-    check_same_shards(cfg, "tune", manifest, reusable)
-    if reusable and (paths.tune / BEST_FILE).is_file():
-        say(f"tune: sweep '{cfg.run.name}' already finished; reusing {plain(paths.tune / BEST_FILE)}")
-        return read_json(paths.tune / BEST_FILE)
-    restore = reusable and tune.Tuner.can_restore(paths.tune.path, storage_filesystem(paths.tune))
+    start = start_training_stage(cfg, "tune", restart, plan.trial_cpus_per_worker, BEST_FILE)
+    if start.finished is not None:
+        return start.finished
+    budget = sweep_budget(cfg, start.manifest)
+    restore = start.reusable and tune.Tuner.can_restore(paths.tune.path, storage_filesystem(paths.tune))
     if cfg.tune.samples < cfg.tune.num_samples:
         say(
             f"tune: every parameter is a grid, so each configuration runs once (tune.num_samples="
@@ -247,18 +190,23 @@ def run_tune(cfg: Config, plan: ResourcePlan, restart: bool = False) -> dict[str
         + (" (resuming the interrupted sweep)" if restore else "")
     )
     started = time.monotonic()
-    with progress("tune", total=cfg.tune.trial_count) as update:
-        SweepProgress.active = update
+    with progress_bar("tune", total=cfg.tune.trial_count) as update:
+        SweepDisplay.active = update
         try:
             grid, stopped_by_signal = fit_noting_interrupt(
-                build_tuner(cfg, plan, budget, restore, [SweepProgress(), ReleaseEndedTrials()])
+                build_tuner(cfg, plan, budget, restore, [SweepDisplay(), ReleaseEndedTrials()])
             )
         finally:
-            SweepProgress.active = None
+            SweepDisplay.active = None
     if stopped_by_signal or len(grid) < cfg.tune.trial_count:
         raise SweepInterrupted()
     rows = trial_rows(grid, list(cfg.tune.space), budget.tokens, paths.tune)
-    summary = summarize(rows, list(cfg.tune.space), budget, time.monotonic() - started)
+    try:
+        summary = sweep_summary(rows, list(cfg.tune.space), budget, time.monotonic() - started)
+    except SweepFailed as err:
+        # No trial finished: when a raylm error made them fail (the user's model, say), it is the one to show.
+        causes = [user_error(result.error) for result in grid if result.error is not None]
+        raise err from next((cause for cause in causes if cause is not None), None)
     write_results(rows, summary, paths.tune)
     write_json(paths.tune / BEST_FILE, summary)  # before the table: the sweep's outcome never hangs on printing
     show_results(rows, summary)
@@ -283,14 +231,18 @@ def fit_noting_interrupt(tuner):
     return grid, tune_catches and after is before
 
 
-def summarize(rows: list[dict[str, Any]], params: list[str], budget: Budget, seconds: float) -> dict[str, Any]:
+def sweep_summary(rows: list[dict[str, Any]], params: list[str], budget: Budget, seconds: float) -> dict[str, Any]:
     """The best trial (lowest validation loss among those that did not error) and the sweep's counts."""
     candidates = [row for row in rows if row["status"] != "error" and row["val_loss"] is not None]
     candidates = [row for row in candidates if row["checkpoint"]]
     if not candidates:
         errors = [row["error"] for row in rows if row.get("error")][:3]
         raise SweepFailed(f"tune: no trial finished ({len(rows)} tried); first errors: {errors}")
-    best = min(candidates, key=lambda row: row["val_loss"])
+    task = get_task()
+    best = candidates[0]
+    for row in candidates[1:]:
+        if task.better(row[task.metric], best[task.metric]):
+            best = row
     return {
         "stage": "tune",
         "best_trial": best["trial_id"],
@@ -308,7 +260,7 @@ def summarize(rows: list[dict[str, Any]], params: list[str], budget: Budget, sec
     }
 
 
-class SweepProgress(Callback):
+class SweepDisplay(Callback):
     """Tune callbacks run on the driver: feed the one progress display with finished trials and the best loss.
 
     Tune pickles its callbacks with the experiment (to restore it), so the display is looked up, not held."""
@@ -332,5 +284,5 @@ class SweepProgress(Callback):
 
     def _show(self, started: int) -> None:
         best = f"best val {self.best:.3f}" if math.isfinite(self.best) else ""
-        if SweepProgress.active:
-            SweepProgress.active(self.done, f"{started} started  {best}")
+        if SweepDisplay.active:
+            SweepDisplay.active(self.done, f"{started} started  {best}")

@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raylm.errors import RunError
 from raylm.storage import Location
 from raylm.train.observe import LOGS_DIR, read_metrics, save_figure
 
 RESULTS_CSV, RESULTS_JSON, RESULTS_PNG = "results.csv", "results.json", "results.png"
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(RunError):
     """No trial of the sweep finished (defined here, away from Ray imports, for the CLI's error mapping)."""
 
 

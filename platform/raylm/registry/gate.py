@@ -13,16 +13,18 @@ registered explicitly (no reported loss) is measured on that split here.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raylm.config import GateSection
+from raylm.data.shards import MANIFEST, read_manifest, shards_fingerprint
+from raylm.digests import tokenizer_hash
+from raylm.models import load_pretrained
+from raylm.registry.store import ModelVersion, RegistryError
 from raylm.storage import Location
-
-if TYPE_CHECKING:
-    from raylm.registry import ModelVersion
+from raylm.tasks import get_task
+from raylm.train.evaluate import evaluate, perplexity, val_share
 
 EVAL_BATCH = 8
 
@@ -30,16 +32,10 @@ EVAL_BATCH = 8
 def data_identity(data_dir: Location) -> tuple[str | None, str | None]:
     """(the shards' fingerprint, their tokenizer's hash), or (None, None) when the run has no prepared data.
     The fingerprint leaves out when the manifest was written, so preparing the same data again keeps it."""
-    from raylm.data.shards import MANIFEST, read_manifest, shards_fingerprint
-
     if not (data_dir / MANIFEST).is_file():
         return None, None
     manifest = read_manifest(data_dir)
-    return shards_fingerprint(manifest), manifest.get("tokenizer", {}).get("hash")
-
-
-def ppl(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))
+    return shards_fingerprint(manifest), manifest.tokenizer.hash
 
 
 def measure(model_dir: Location, data_dir: Location) -> dict[str, float]:
@@ -48,10 +44,6 @@ def measure(model_dir: Location, data_dir: Location) -> dict[str, float]:
     Runs in the driver process, on CPU, without Ray: registering needs no cluster (`raylm register` runs without
     one), registered models are small enough to evaluate in seconds to minutes, and one process holding the whole
     split needs no process group (`evaluate` all-reduces only when world_size > 1)."""
-    from raylm.models import load_pretrained
-    from raylm.registry import RegistryError
-    from raylm.train.loop import evaluate, val_share
-
     share = val_share(data_dir, rank=0, world_size=1)
     if not len(share):
         raise RegistryError(f"the eval gate cannot measure {model_dir}: the validation split in {data_dir} is empty")
@@ -72,8 +64,6 @@ def decide(
 ) -> dict[str, Any]:
     """The gate's decision for the model in `candidate_dir`, whose reported metrics are `metrics` (measured on the
     validation split of `data_dir`, whose shards have the fingerprint `data_hash`). `best` is the current best."""
-    from raylm.registry import tokenizer_hash
-
     tokenizer = tokenizer_hash(candidate_dir)
     loss, measured = metrics.get("val_loss"), False
     if loss is None and data_hash is not None and tokenizer == data_tokenizer:
@@ -82,7 +72,7 @@ def decide(
         "passed": False,
         "reason": "",
         "candidate_val_loss": loss,
-        "candidate_val_ppl": ppl(loss),
+        "candidate_val_ppl": perplexity(loss),
         "candidate_measured": measured,
         "data_manifest_hash": data_hash,
         "max_val_ppl": section.max_val_ppl,
@@ -100,9 +90,10 @@ def decide(
             "tokenizer, so it cannot be measured on them)"
         )
     elif section.max_val_ppl is not None:
-        verdict = passes if ppl(loss) < section.max_val_ppl else failures
+        ppl = perplexity(loss)
+        verdict = passes if ppl < section.max_val_ppl else failures
         relation = "under" if verdict is passes else "not under"
-        verdict.append(f"val_ppl {ppl(loss):.4g} is {relation} registry.gate.max_val_ppl={section.max_val_ppl:g}")
+        verdict.append(f"val_ppl {ppl:.4g} is {relation} registry.gate.max_val_ppl={section.max_val_ppl:g}")
     if section.compare_to_best and loss is not None:
         _compare_to_best(decision, best, tokenizer, loss, data_dir, data_hash, passes, failures)
     if not section.compare_to_best and section.max_val_ppl is None:
@@ -142,10 +133,9 @@ def _compare_to_best(
         best_loss = measure(best.path, data_dir)["val_loss"]
         decision["best_reevaluated"] = True
         where = "re-evaluated on this run's validation data"
-    decision["best_val_loss"], decision["best_val_ppl"] = best_loss, ppl(best_loss)
-    if loss < best_loss:
-        passes.append(f"val_ppl {ppl(loss):.4g} beats the current best {best.ref}'s {ppl(best_loss):.4g} ({where})")
+    decision["best_val_loss"], decision["best_val_ppl"] = best_loss, perplexity(best_loss)
+    ours, theirs = perplexity(loss), perplexity(best_loss)
+    if get_task().better(loss, best_loss):
+        passes.append(f"val_ppl {ours:.4g} beats the current best {best.ref}'s {theirs:.4g} ({where})")
     else:
-        failures.append(
-            f"val_ppl {ppl(loss):.4g} is not better than the current best {best.ref}'s {ppl(best_loss):.4g} ({where})"
-        )
+        failures.append(f"val_ppl {ours:.4g} is not better than the current best {best.ref}'s {theirs:.4g} ({where})")

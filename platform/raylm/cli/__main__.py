@@ -1,0 +1,5 @@
+"""`python -m raylm.cli`: the `raylm` command."""
+
+from raylm.cli import main
+
+main()
