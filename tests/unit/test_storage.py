@@ -48,3 +48,18 @@ def test_uris_and_local_paths_parse():
     assert str(Location(pafs._MockFileSystem(), "bucket/a")) == "mock://bucket/a"
     with pytest.raises(ValueError, match="not on the local filesystem"):
         _ = Location(pafs._MockFileSystem(), "bucket/a").local
+
+
+def test_a_uris_options_travel_with_it_and_are_never_shown():
+    """`run.dir=s3://...?endpoint_override=...`: what crosses into another process as text (`uri`) keeps the options,
+    so that it names the same store there; what is shown (`str`) leaves them out."""
+    options = "endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    runs = Location.parse(f"s3://bucket/runs?{options}")
+    registry = runs / "registry"
+    assert registry.uri == f"s3://bucket/runs/registry?{options}" and str(registry) == "s3://bucket/runs/registry"
+    assert Location.parse(registry.uri) == registry and registry.parent == runs
+    assert [child.uri for child in [registry / "lm"]] == [f"s3://bucket/runs/registry/lm?{options}"]
+    # A path a result file recorded without its options gets them back from the run.dir it lies under.
+    recorded = runs.within("s3://bucket/runs/train/checkpoint_1")
+    assert recorded.uri == f"s3://bucket/runs/train/checkpoint_1?{options}" and recorded.fs is runs.fs
+    assert runs.within("/local/checkpoint").is_local

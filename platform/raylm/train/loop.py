@@ -29,7 +29,7 @@ from raylm.models import build_model
 from raylm.storage import Location
 from raylm.tasks import get_task
 from raylm.tasks.causal_lm import lm_loss
-from raylm.train.checkpoint import Position, checkpoint_problem, restore_checkpoint, save_checkpoint
+from raylm.train.checkpoint import Position, checkpoint_dirs, checkpoint_problem, restore_checkpoint, save_checkpoint
 from raylm.train.evaluate import MixedPrecision, evaluate, mixed_precision, val_share
 from raylm.train.ingest import ROW_COLUMN, DataLedger, rank_dataset
 from raylm.train.observe import memory_metrics, run_logger, worker_facts
@@ -282,12 +282,15 @@ def _report(run: WorkerRun, metrics: dict[str, Any], position: Position, tokeniz
 
 
 def _resume_source(config: dict[str, Any], latest) -> Location | None:
-    """The checkpoint the driver chose (hashed once, there), unless Ray Train hands over one this run reported after
-    the driver chose (a restart after a worker failed), which is taken once its sizes check out."""
-    if latest is not None:
-        reported = Location(latest.filesystem, latest.path)
-        if reported.name not in config["known_checkpoints"] and checkpoint_problem(reported) is None:
-            return reported
+    """The checkpoint the driver chose (hashed once, there), unless this run has reported newer ones since: after a
+    worker failed, Ray Train restarts the group and hands over its latest (else the run's folder holds them), and
+    those are taken once their sizes check out, newest first."""
+    known = set(config["known_checkpoints"])
+    reported = [Location(latest.filesystem, latest.path)] if latest is not None else []
+    since = sorted((c for c in checkpoint_dirs(config["run_dir"]) if c.name not in known), key=lambda c: c.name)
+    for candidate in [*reported, *reversed(since)]:
+        if candidate.name not in known and checkpoint_problem(candidate) is None:
+            return candidate
     return config["resume_from"]
 
 
